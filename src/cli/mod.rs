@@ -1,0 +1,125 @@
+//! The command line: `serve`, `check`, `migrate` and `queue …`.
+//!
+//! Every command takes `--config PATH` (default `config.yaml`). Errors go to
+//! stderr and make the process exit non-zero.
+
+mod queue_commands;
+pub mod serve;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+
+#[derive(Parser, Debug)]
+#[command(name = "wsmtp", version, about = "SMTP front proxy with account-aware relay routing")]
+pub struct Cli {
+    /// Configuration file.
+    #[arg(long, short = 'c', global = true, default_value = "config.yaml", env = "WSMTP_CONFIG")]
+    pub config: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the SMTP listener (applies queue migrations at start).
+    Serve,
+    /// Validate the configuration and print every problem with its key and line.
+    Check,
+    /// Create the queue database if missing and apply the migrations.
+    Migrate,
+    /// Inspect the queue.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// List queued messages, newest first.
+    List {
+        /// Only messages in this state: receiving or ready.
+        #[arg(long)]
+        state: Option<String>,
+        /// Maximum number of messages shown.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Show one message: envelope, recipients and their routes.
+    Show {
+        /// Queue id, as printed by `queue list` or in the 250 reply.
+        id: String,
+        /// Also print the stored message content.
+        #[arg(long)]
+        body: bool,
+    },
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Check => check(&cli.config),
+        Command::Serve => with_config(&cli.config, |config| runtime(serve::serve(config))),
+        Command::Migrate => with_config(&cli.config, |config| runtime(queue_commands::migrate(config))),
+        Command::Queue(command) => with_config(&cli.config, |config| runtime(queue_commands::run(config, command))),
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: OK ({} listener(s), {} local domain(s), {} relay domain(s), {} downstream group(s), queue {})",
+                path.display(),
+                config.listeners.len(),
+                config.relay.local_domains.len(),
+                config.relay.relay_domains.len(),
+                config.groups.len(),
+                if config.queue.is_some() { "configured" } else { "not configured" }
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn with_config(path: &Path, command: impl FnOnce(Config) -> anyhow::Result<()>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config);
+    match command(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(future: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
+}
+
+/// Logs go to stderr as text or JSON; `RUST_LOG` overrides the configured filter.
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match config.log.format {
+        crate::config::LogFormat::Text => builder.try_init(),
+        crate::config::LogFormat::Json => builder.json().try_init(),
+    };
+    // A subscriber set already (in tests) is fine.
+    let _ = result;
+}

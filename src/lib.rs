@@ -1,0 +1,13 @@
+//! wsmtp: an SMTP front proxy with account-aware relay routing.
+//!
+//! The listener decides for each recipient whether to reject it, pass it
+//! through to a downstream MTA group in real time, or spool it in a
+//! PostgreSQL queue. See docs/architecture.md for the tiers and invariants.
+
+pub mod cli;
+pub mod config;
+pub mod listener;
+pub mod passthrough;
+pub mod policy;
+pub mod queue;
+pub mod smtp;

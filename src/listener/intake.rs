@@ -1,0 +1,361 @@
+//! The transaction handler of the listener: joins the relay decision, the
+//! pass-through relay and the queue.
+//!
+//! Each recipient is decided by [`policy::decide_recipient`]. The first
+//! accepted recipient sets the transaction's mode:
+//! - pass-through, when it goes to a downstream group: MAIL and RCPT are
+//!   forwarded at once and the downstream's replies go back to the client;
+//! - spool, when it is local.
+//!
+//! A later recipient for another route turns a pass-through transaction into
+//! a spooled one (the downstream session is closed and every recipient is
+//! spooled with its route), so a transaction that mixes routes is stored once.
+//! Without a queue, such a recipient gets 452 4.5.3 and the client sends it in
+//! another transaction.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::passthrough::Relay;
+use crate::policy::{self, Action, Route};
+use crate::queue::{self, Queue, SpoolRecipient, SpoolWriter};
+use crate::smtp::envelope::{Envelope, Recipient};
+use crate::smtp::reply::Reply;
+use crate::smtp::session::{ClientInfo, Handler};
+
+/// What every session of the listener shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub queue: Option<Queue>,
+}
+
+/// How the open transaction will be carried out.
+enum Mode {
+    /// No recipient accepted yet.
+    Undecided,
+    /// Relayed live to one group.
+    Relaying(Relay),
+    /// The downstream connection broke after it accepted recipients, and no
+    /// queue can take them over: the transaction can only fail.
+    Broken,
+    Spooling,
+}
+
+/// Where the message content goes while it streams.
+enum Sink {
+    None,
+    Relay(Relay),
+    Spool(SpoolWriter),
+}
+
+pub struct Intake {
+    shared: Arc<Shared>,
+    mode: Mode,
+    sink: Sink,
+    recipients: Vec<SpoolRecipient>,
+    /// Group failures already seen in this transaction, with the reply they gave.
+    failed_groups: HashMap<String, Reply>,
+    /// A downstream session kept after a finished transaction, for the next one.
+    idle_relay: Option<Relay>,
+}
+
+impl Intake {
+    pub fn new(shared: Arc<Shared>) -> Intake {
+        Intake {
+            shared,
+            mode: Mode::Undecided,
+            sink: Sink::None,
+            recipients: Vec::new(),
+            failed_groups: HashMap::new(),
+            idle_relay: None,
+        }
+    }
+
+    fn spool_recipient(recipient: &Recipient, group: Option<&str>) -> SpoolRecipient {
+        SpoolRecipient {
+            address: recipient.address.to_smtp(),
+            route_group: group.map(str::to_string),
+            orcpt: recipient.orcpt.clone(),
+            notify: recipient.notify.map(|n| n.value()),
+        }
+    }
+
+    /// Switches the transaction to spooling, closing a live relay. Without a
+    /// queue this is impossible and the reply says so.
+    async fn switch_to_spool(&mut self) -> Result<(), Reply> {
+        if self.shared.queue.is_none() {
+            return Err(Reply::mixed_routes_need_new_transaction());
+        }
+        if let Mode::Relaying(relay) = std::mem::replace(&mut self.mode, Mode::Spooling) {
+            relay.quit().await;
+        }
+        Ok(())
+    }
+
+    /// Opens a relay to `group`, reusing the idle session when it matches.
+    async fn open_relay(&mut self, group: &str, envelope: &Envelope) -> Result<(Relay, Reply), Reply> {
+        let config = &self.shared.config;
+        let Some(group_config) = config.groups.get(group) else {
+            tracing::error!(group, "route names a group that is not configured");
+            return Err(Reply::internal_error());
+        };
+        let idle = self.idle_relay.take();
+        let mut relay = match idle {
+            Some(relay) if relay.group() == group => relay,
+            other => {
+                if let Some(relay) = other {
+                    relay.quit().await;
+                }
+                match Relay::open(group_config, &config.hostname).await {
+                    Ok(relay) => relay,
+                    Err(error) => {
+                        tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream group unreachable");
+                        return Err(Reply::downstream_unavailable());
+                    }
+                }
+            }
+        };
+        let mail_reply = match relay.mail(envelope).await {
+            Ok(reply) => reply,
+            Err(first_error) => {
+                // A reused session may have been closed by the server while
+                // idle; one fresh connection is worth a try.
+                tracing::debug!(group, error = %first_error, "downstream session failed at MAIL, reconnecting");
+                relay = Relay::open(group_config, &config.hostname).await.map_err(|error| {
+                    tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream group unreachable");
+                    Reply::downstream_unavailable()
+                })?;
+                relay.mail(envelope).await.map_err(|error| {
+                    tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream failed at MAIL");
+                    Reply::downstream_failed()
+                })?
+            }
+        };
+        Ok((relay, mail_reply))
+    }
+
+    /// Routes a recipient to a downstream group.
+    async fn relay_recipient(&mut self, group: &str, envelope: &Envelope, recipient: &Recipient) -> Reply {
+        match &mut self.mode {
+            Mode::Spooling => {
+                self.recipients.push(Intake::spool_recipient(recipient, Some(group)));
+                return Reply::recipient_ok();
+            }
+            Mode::Broken => return Reply::downstream_failed(),
+            Mode::Relaying(relay) if relay.group() != group => {
+                if let Err(reply) = self.switch_to_spool().await {
+                    return reply;
+                }
+                self.recipients.push(Intake::spool_recipient(recipient, Some(group)));
+                return Reply::recipient_ok();
+            }
+            Mode::Relaying(_) | Mode::Undecided => {}
+        }
+
+        if let Mode::Undecided = self.mode {
+            if let Some(reply) = self.failed_groups.get(group) {
+                return reply.clone();
+            }
+            match self.open_relay(group, envelope).await {
+                Ok((relay, mail_reply)) if mail_reply.is_positive() => self.mode = Mode::Relaying(relay),
+                Ok((relay, mail_reply)) => {
+                    relay.quit().await;
+                    self.failed_groups.insert(group.to_string(), mail_reply.clone());
+                    return mail_reply;
+                }
+                Err(reply) => {
+                    self.failed_groups.insert(group.to_string(), reply.clone());
+                    return reply;
+                }
+            }
+        }
+
+        let Mode::Relaying(relay) = &mut self.mode else {
+            return Reply::internal_error();
+        };
+        match relay.rcpt(recipient).await {
+            Ok(reply) => {
+                if reply.is_positive() {
+                    self.recipients.push(Intake::spool_recipient(recipient, Some(group)));
+                }
+                reply
+            }
+            Err(error) => {
+                tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream failed at RCPT");
+                self.relay_broke().await;
+                Reply::downstream_failed()
+            }
+        }
+    }
+
+    /// The live relay failed: recipients it accepted move to the queue when
+    /// there is one; otherwise the transaction cannot succeed.
+    async fn relay_broke(&mut self) {
+        let next = if self.shared.queue.is_some() && !self.recipients.is_empty() {
+            Mode::Spooling
+        } else if self.recipients.is_empty() {
+            Mode::Undecided
+        } else {
+            Mode::Broken
+        };
+        self.mode = next;
+    }
+
+    fn log_decision(client: &ClientInfo, envelope: &Envelope, recipient: &Recipient, decision: &policy::Decision, reply: &Reply) {
+        tracing::info!(
+            queue_id = %envelope.queue_id(),
+            client = %client.peer.ip(),
+            sender = %envelope.sender_text(),
+            recipient = %recipient.address.to_smtp(),
+            decision = decision.kind(),
+            rule = %decision.rule,
+            reply = %reply.summary(),
+            "recipient decided"
+        );
+    }
+
+    fn queue_envelope(client_ip: IpAddr, helo: &str, envelope: &Envelope) -> queue::Envelope {
+        queue::Envelope {
+            id: envelope.id,
+            sender: envelope.sender_text(),
+            client_ip,
+            helo: helo.to_string(),
+            smtputf8: envelope.parameters.smtputf8,
+            body_type: envelope.parameters.body.map(|b| b.as_str().to_string()),
+            dsn_ret: envelope.parameters.ret.map(|r| r.as_str().to_string()),
+            dsn_envid: envelope.parameters.envid.clone(),
+        }
+    }
+}
+
+impl Handler for Intake {
+    async fn recipient(&mut self, client: &ClientInfo, envelope: &Envelope, recipient: &Recipient) -> Reply {
+        let decision = policy::decide_recipient(&self.shared.config.relay, client.peer.ip(), &recipient.address);
+        let reply = match &decision.action {
+            Action::Reject(reply) => reply.clone(),
+            Action::Accept(Route::Local) => {
+                if self.shared.queue.is_none() {
+                    Reply::queue_unavailable()
+                } else if let Mode::Broken = self.mode {
+                    Reply::downstream_failed()
+                } else {
+                    match self.switch_to_spool().await {
+                        Ok(()) => {
+                            self.recipients.push(Intake::spool_recipient(recipient, None));
+                            Reply::recipient_ok()
+                        }
+                        Err(reply) => reply,
+                    }
+                }
+            }
+            Action::Accept(Route::Group(group)) => {
+                let group = group.clone();
+                self.relay_recipient(&group, envelope, recipient).await
+            }
+        };
+        Intake::log_decision(client, envelope, recipient, &decision, &reply);
+        reply
+    }
+
+    async fn start_message(&mut self, client: &ClientInfo, envelope: &Envelope) -> Result<(), Reply> {
+        match std::mem::replace(&mut self.mode, Mode::Undecided) {
+            Mode::Relaying(mut relay) => match relay.data().await {
+                Ok(None) => {
+                    self.sink = Sink::Relay(relay);
+                    Ok(())
+                }
+                Ok(Some(reply)) => {
+                    relay.quit().await;
+                    Err(reply)
+                }
+                Err(error) => {
+                    tracing::warn!(queue_id = %envelope.queue_id(), error = %error, "downstream failed at DATA");
+                    Err(Reply::downstream_failed())
+                }
+            },
+            Mode::Spooling => {
+                let Some(queue) = &self.shared.queue else {
+                    return Err(Reply::queue_unavailable());
+                };
+                let queue_envelope = Intake::queue_envelope(client.peer.ip(), &client.helo, envelope);
+                self.sink = Sink::Spool(queue.begin(queue_envelope));
+                Ok(())
+            }
+            Mode::Broken => Err(Reply::downstream_failed()),
+            Mode::Undecided => Err(Reply::no_valid_recipients()),
+        }
+    }
+
+    async fn message_data(&mut self, data: &[u8]) -> Result<(), Reply> {
+        match &mut self.sink {
+            Sink::Relay(relay) => relay.write(data).await.map_err(|error| {
+                tracing::warn!(group = relay.group(), host = relay.host(), error = %error, "downstream failed during DATA");
+                Reply::downstream_failed()
+            }),
+            Sink::Spool(writer) => writer.write(data).await.map_err(|error| {
+                tracing::warn!(queue_id = %writer.id().simple(), error = %error, "queue write failed");
+                Reply::queue_unavailable()
+            }),
+            Sink::None => Err(Reply::internal_error()),
+        }
+    }
+
+    async fn finish_message(&mut self, _client: &ClientInfo, envelope: &Envelope) -> Reply {
+        match std::mem::replace(&mut self.sink, Sink::None) {
+            Sink::Relay(mut relay) => match relay.finish().await {
+                Ok(reply) => {
+                    tracing::info!(
+                        queue_id = %envelope.queue_id(),
+                        group = relay.group(),
+                        host = relay.host(),
+                        reply = %reply.summary(),
+                        "passed through"
+                    );
+                    self.idle_relay = Some(relay);
+                    reply
+                }
+                Err(error) => {
+                    tracing::warn!(queue_id = %envelope.queue_id(), error = %error, "downstream failed after DATA");
+                    Reply::downstream_failed()
+                }
+            },
+            Sink::Spool(writer) => match writer.commit(&self.recipients).await {
+                Ok(()) => {
+                    tracing::info!(queue_id = %envelope.queue_id(), recipients = self.recipients.len(), "spooled");
+                    Reply::queued(&envelope.queue_id())
+                }
+                Err(error) => {
+                    tracing::error!(queue_id = %envelope.queue_id(), error = %error, "queue commit failed");
+                    Reply::queue_unavailable()
+                }
+            },
+            Sink::None => Reply::internal_error(),
+        }
+    }
+
+    async fn abort_message(&mut self) {
+        match std::mem::replace(&mut self.sink, Sink::None) {
+            // Closing the socket without the final dot makes the downstream
+            // discard what it received.
+            Sink::Relay(relay) => drop(relay),
+            Sink::Spool(writer) => writer.abort().await,
+            Sink::None => {}
+        }
+    }
+
+    async fn reset(&mut self) {
+        self.abort_message().await;
+        match std::mem::replace(&mut self.mode, Mode::Undecided) {
+            Mode::Relaying(mut relay) => {
+                if relay.reset().await.is_ok() {
+                    self.idle_relay = Some(relay);
+                }
+            }
+            Mode::Undecided | Mode::Broken | Mode::Spooling => {}
+        }
+        self.recipients.clear();
+        self.failed_groups.clear();
+    }
+}

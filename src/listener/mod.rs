@@ -1,0 +1,234 @@
+//! The SMTP listener: binds the configured addresses, accepts connections
+//! within the connection limits, and runs one [`Session`] task per
+//! connection with an [`Intake`] handler.
+//!
+//! Limits: a total connection cap and a per-client-IP cap; a client over
+//! either gets `421 4.7.0` and is closed before any command is read.
+//! Shutdown: when the token is cancelled the listener stops accepting, idle
+//! sessions answer 421 and close, and sessions in a transaction may finish
+//! within `timeouts.shutdown_grace`; those still open then are cut off.
+
+pub mod intake;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context as _;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::TlsFiles;
+use crate::smtp::reply::Reply;
+use crate::smtp::session::{Session, SessionConfig};
+use intake::{Intake, Shared};
+
+/// Counts open connections, in total and per client IP.
+struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+    total: std::sync::atomic::AtomicUsize,
+}
+
+/// Held by a session; releases its connection slot when dropped.
+struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimits {
+    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Reply> {
+        use std::sync::atomic::Ordering;
+        // A poisoned lock means a session panicked while holding it; the
+        // counters are still usable, so recover the guard.
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.total.load(Ordering::Relaxed) >= self.max_total {
+            return Err(Reply::too_many_connections());
+        }
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.max_per_ip {
+            return Err(Reply::too_many_connections_from_ip());
+        }
+        *count += 1;
+        self.total.fetch_add(1, Ordering::Relaxed);
+        Ok(ConnectionSlot {
+            limits: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        let mut open = self.limits.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+        self.limits.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A bound listener, ready to serve.
+pub struct Server {
+    sockets: Vec<(TcpListener, Arc<SessionConfig>)>,
+    shared: Arc<Shared>,
+    limits: Arc<ConnectionLimits>,
+    grace: std::time::Duration,
+}
+
+impl Server {
+    /// Binds every configured listener and loads TLS material.
+    pub async fn bind(shared: Arc<Shared>) -> anyhow::Result<Server> {
+        let config = Arc::clone(&shared.config);
+        let mut sockets = Vec::new();
+        for listener in &config.listeners {
+            let tls = match &listener.tls {
+                Some(files) => Some(load_tls(files)?),
+                None => None,
+            };
+            let session_config = Arc::new(SessionConfig {
+                hostname: config.hostname.clone(),
+                limits: config.limits.clone(),
+                timeouts: config.timeouts.clone(),
+                tls,
+            });
+            let socket = TcpListener::bind(listener.address)
+                .await
+                .with_context(|| format!("cannot listen on {}", listener.address))?;
+            sockets.push((socket, session_config));
+        }
+        let limits = Arc::new(ConnectionLimits {
+            max_total: config.limits.max_connections,
+            max_per_ip: config.limits.max_connections_per_ip,
+            open: Mutex::new(HashMap::new()),
+            total: std::sync::atomic::AtomicUsize::new(0),
+        });
+        Ok(Server {
+            sockets,
+            shared,
+            limits,
+            grace: config.timeouts.shutdown_grace,
+        })
+    }
+
+    /// The bound addresses, in configuration order (useful with port 0).
+    pub fn local_addresses(&self) -> Vec<SocketAddr> {
+        self.sockets
+            .iter()
+            .filter_map(|(socket, _)| socket.local_addr().ok())
+            .collect()
+    }
+
+    /// Accepts connections until `shutdown` is cancelled, then drains.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let sessions = CancellationToken::new();
+        for (socket, session_config) in self.sockets {
+            let address = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(address = %address, tls = session_config.tls.is_some(), "listening");
+            tracker.spawn(accept_loop(
+                socket,
+                session_config,
+                Arc::clone(&self.shared),
+                Arc::clone(&self.limits),
+                shutdown.clone(),
+                sessions.clone(),
+                tracker.clone(),
+            ));
+        }
+
+        shutdown.cancelled().await;
+        tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down: no new connections");
+        // Idle sessions close with 421 now; sessions inside a transaction get
+        // the grace period to finish it.
+        sessions.cancel();
+        tracker.close();
+        if tokio::time::timeout(self.grace, tracker.wait()).await.is_err() {
+            tracing::warn!("grace period over: closing sessions still open");
+        }
+    }
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    session_config: Arc<SessionConfig>,
+    shared: Arc<Shared>,
+    limits: Arc<ConnectionLimits>,
+    shutdown: CancellationToken,
+    sessions: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = socket.accept() => accepted,
+            () = shutdown.cancelled() => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // EMFILE and friends: wait a little rather than spin.
+                tracing::warn!(error = %error, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let slot = match limits.acquire(peer.ip()) {
+            Ok(slot) => slot,
+            Err(reply) => {
+                tracing::info!(client = %peer.ip(), reply = %reply.summary(), "connection refused by limit");
+                tokio::spawn(refuse(stream, reply));
+                continue;
+            }
+        };
+        let local = stream.local_addr().unwrap_or(peer);
+        let session = Session::new(
+            Arc::clone(&session_config),
+            stream,
+            peer,
+            local,
+            Intake::new(Arc::clone(&shared)),
+            sessions.clone(),
+        );
+        tracker.spawn(async move {
+            let _slot = slot;
+            session.run().await;
+        });
+    }
+}
+
+/// Sends a 421 to a connection over a limit and closes it.
+async fn refuse(mut stream: TcpStream, reply: Reply) {
+    let wire = reply.to_wire();
+    let write = stream.write_all(wire.as_bytes());
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), write).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Loads a certificate chain and private key (PEM) into a TLS acceptor.
+pub fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
+    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.certificate)
+        .with_context(|| format!("cannot read certificate {}", files.certificate.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("invalid certificate PEM in {}", files.certificate.display()))?;
+    if certificates.is_empty() {
+        anyhow::bail!("no certificate found in {}", files.certificate.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("cannot read private key {}", files.key.display()))?;
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certificates, key)
+        .context("certificate and key do not match or are unsupported")?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
