@@ -49,7 +49,10 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{path}: {}", render_problems(.problems))]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 fn render_problems(problems: &[Problem]) -> String {
@@ -288,7 +291,14 @@ impl Checker {
     }
 
     /// An integer setting with its default and inclusive bounds.
-    fn bounded(&mut self, path: &str, raw: &Option<Spanned<u64>>, default: u64, min: u64, max: u64) -> u64 {
+    fn bounded(
+        &mut self,
+        path: &str,
+        raw: &Option<Spanned<u64>>,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> u64 {
         let Some(value) = raw else { return default };
         if value.value < min || value.value > max {
             self.problem(
@@ -302,7 +312,14 @@ impl Checker {
     }
 
     /// A duration setting such as `30s`, `5m`, `1h` or `250ms`, with bounds.
-    fn duration(&mut self, path: &str, raw: &Option<Text>, default: Duration, min: Duration, max: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        path: &str,
+        raw: &Option<Text>,
+        default: Duration,
+        min: Duration,
+        max: Duration,
+    ) -> Duration {
         let Some(text) = raw else { return default };
         let line = text.referenced.line();
         match parse_duration(&text.value) {
@@ -319,7 +336,10 @@ impl Checker {
                 self.problem(
                     path,
                     line,
-                    format!("invalid duration {:?}; write a number with ms, s, m or h, e.g. 30s", text.value),
+                    format!(
+                        "invalid duration {:?}; write a number with ms, s, m or h, e.g. 30s",
+                        text.value
+                    ),
                 );
                 default
             }
@@ -330,7 +350,11 @@ impl Checker {
         match Domain::parse(&raw.value) {
             Ok(Domain::Name(name)) => Some(name),
             Ok(Domain::Literal(_)) => {
-                self.problem(path, raw.referenced.line(), "an address literal cannot be a configured domain");
+                self.problem(
+                    path,
+                    raw.referenced.line(),
+                    "an address literal cannot be a configured domain",
+                );
                 None
             }
             Err(error) => {
@@ -344,7 +368,9 @@ impl Checker {
 /// Parses `250ms`, `30s`, `5m`, `2h`; a bare number means seconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
     let number: u64 = number.parse().ok()?;
     match unit.trim() {
@@ -372,7 +398,9 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let database_url = std::env::var("DATABASE_URL").ok().filter(|url| !url.is_empty());
+        let database_url = std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|url| !url.is_empty());
         Config::parse(&text, database_url.as_deref()).map_err(|problems| ConfigError::Invalid {
             path: path.to_path_buf(),
             problems,
@@ -386,10 +414,17 @@ impl Config {
             vec![Problem {
                 path: "(file)".to_string(),
                 line,
-                message: error.to_string().lines().next().unwrap_or("invalid YAML").to_string(),
+                message: error
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid YAML")
+                    .to_string(),
             }]
         })?;
-        let mut checker = Checker { problems: Vec::new() };
+        let mut checker = Checker {
+            problems: Vec::new(),
+        };
         let config = convert(raw, database_url, &mut checker);
         if checker.problems.is_empty() {
             Ok(config)
@@ -404,7 +439,11 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         Some(name) => match Domain::parse(&name.value) {
             Ok(Domain::Name(_)) => name.value.trim_end_matches('.').to_string(),
             _ => {
-                checker.problem("hostname", name.referenced.line(), format!("invalid host name {:?}", name.value));
+                checker.problem(
+                    "hostname",
+                    name.referenced.line(),
+                    format!("invalid host name {:?}", name.value),
+                );
                 name.value
             }
         },
@@ -456,7 +495,10 @@ fn convert_listeners(raw: &[RawListener], checker: &mut Checker) -> Vec<Listener
                 checker.problem(
                     path,
                     listener.address.referenced.line(),
-                    format!("invalid socket address {:?}; write IP:port, e.g. 127.0.0.1:2525", listener.address.value),
+                    format!(
+                        "invalid socket address {:?}; write IP:port, e.g. 127.0.0.1:2525",
+                        listener.address.value
+                    ),
                 );
                 continue;
             }
@@ -484,19 +526,59 @@ fn convert_listeners(raw: &[RawListener], checker: &mut Checker) -> Vec<Listener
 fn convert_limits(raw: &RawLimits, checker: &mut Checker) -> Limits {
     const MIB: u64 = 1024 * 1024;
     Limits {
-        max_connections: checker.bounded("limits.max_connections", &raw.max_connections, 1000, 1, 1_000_000) as usize,
-        max_connections_per_ip: checker.bounded("limits.max_connections_per_ip", &raw.max_connections_per_ip, 20, 1, 1_000_000)
-            as usize,
-        max_message_size: checker.bounded("limits.max_message_size", &raw.max_message_size, 50 * MIB, 1024, 4096 * MIB),
+        max_connections: checker.bounded(
+            "limits.max_connections",
+            &raw.max_connections,
+            1000,
+            1,
+            1_000_000,
+        ) as usize,
+        max_connections_per_ip: checker.bounded(
+            "limits.max_connections_per_ip",
+            &raw.max_connections_per_ip,
+            20,
+            1,
+            1_000_000,
+        ) as usize,
+        max_message_size: checker.bounded(
+            "limits.max_message_size",
+            &raw.max_message_size,
+            50 * MIB,
+            1024,
+            4096 * MIB,
+        ),
         // RFC 5321 §4.5.3.1.8: at least 100 recipients must be accepted.
-        max_recipients: checker.bounded("limits.max_recipients", &raw.max_recipients, 100, 1, 100_000) as usize,
+        max_recipients: checker.bounded(
+            "limits.max_recipients",
+            &raw.max_recipients,
+            100,
+            1,
+            100_000,
+        ) as usize,
         // RFC 5321 §4.5.3.1.4: at least 512 octets; ESMTP parameters need more.
-        max_command_line: checker.bounded("limits.max_command_line", &raw.max_command_line, 2048, 512, 65_536) as usize,
+        max_command_line: checker.bounded(
+            "limits.max_command_line",
+            &raw.max_command_line,
+            2048,
+            512,
+            65_536,
+        ) as usize,
         // RFC 5322 §2.1.1 sets 998 octets, but real mail breaks it often; the
         // default accepts that mail while still bounding the line.
-        max_data_line: checker.bounded("limits.max_data_line", &raw.max_data_line, 10_000, 998, 1_048_576) as usize,
-        max_received_headers: checker.bounded("limits.max_received_headers", &raw.max_received_headers, 50, 1, 1000)
-            as usize,
+        max_data_line: checker.bounded(
+            "limits.max_data_line",
+            &raw.max_data_line,
+            10_000,
+            998,
+            1_048_576,
+        ) as usize,
+        max_received_headers: checker.bounded(
+            "limits.max_received_headers",
+            &raw.max_received_headers,
+            50,
+            1,
+            1000,
+        ) as usize,
         max_errors: checker.bounded("limits.max_errors", &raw.max_errors, 20, 1, 10_000) as usize,
         nul_bytes: raw.nul_bytes.unwrap_or(NulPolicy::Reject),
     }
@@ -506,9 +588,27 @@ fn convert_timeouts(raw: &RawTimeouts, checker: &mut Checker) -> Timeouts {
     let second = Duration::from_secs(1);
     let day = Duration::from_secs(86_400);
     Timeouts {
-        command: checker.duration("timeouts.command", &raw.command, Duration::from_secs(300), second, day),
-        data: checker.duration("timeouts.data", &raw.data, Duration::from_secs(300), second, day),
-        tls_handshake: checker.duration("timeouts.tls_handshake", &raw.tls_handshake, Duration::from_secs(30), second, day),
+        command: checker.duration(
+            "timeouts.command",
+            &raw.command,
+            Duration::from_secs(300),
+            second,
+            day,
+        ),
+        data: checker.duration(
+            "timeouts.data",
+            &raw.data,
+            Duration::from_secs(300),
+            second,
+            day,
+        ),
+        tls_handshake: checker.duration(
+            "timeouts.tls_handshake",
+            &raw.tls_handshake,
+            Duration::from_secs(30),
+            second,
+            day,
+        ),
         shutdown_grace: checker.duration(
             "timeouts.shutdown_grace",
             &raw.shutdown_grace,
@@ -526,7 +626,11 @@ fn convert_groups(raw: &[RawGroup], checker: &mut Checker) -> BTreeMap<String, G
     for (index, group) in raw.iter().enumerate() {
         let path = format!("downstream_groups[{index}]");
         let name = group.name.value.clone();
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
             checker.problem(
                 format!("{path}.name"),
                 group.name.referenced.line(),
@@ -534,22 +638,41 @@ fn convert_groups(raw: &[RawGroup], checker: &mut Checker) -> BTreeMap<String, G
             );
         }
         if group.hosts.is_empty() {
-            checker.problem(format!("{path}.hosts"), group.name.referenced.line(), "a group needs at least one host");
+            checker.problem(
+                format!("{path}.hosts"),
+                group.name.referenced.line(),
+                "a group needs at least one host",
+            );
         }
         for (host_index, host) in group.hosts.iter().enumerate() {
             if !is_host_port(&host.value) {
                 checker.problem(
                     format!("{path}.hosts[{host_index}]"),
                     host.referenced.line(),
-                    format!("invalid host {:?}; write host:port, e.g. 127.0.0.1:2526", host.value),
+                    format!(
+                        "invalid host {:?}; write host:port, e.g. 127.0.0.1:2526",
+                        host.value
+                    ),
                 );
             }
         }
         let config = GroupConfig {
             name: name.clone(),
             hosts: group.hosts.iter().map(|h| h.value.clone()).collect(),
-            connect_timeout: checker.duration(&format!("{path}.connect_timeout"), &group.connect_timeout, Duration::from_secs(30), second, hour),
-            command_timeout: checker.duration(&format!("{path}.command_timeout"), &group.command_timeout, Duration::from_secs(300), second, hour),
+            connect_timeout: checker.duration(
+                &format!("{path}.connect_timeout"),
+                &group.connect_timeout,
+                Duration::from_secs(30),
+                second,
+                hour,
+            ),
+            command_timeout: checker.duration(
+                &format!("{path}.command_timeout"),
+                &group.command_timeout,
+                Duration::from_secs(300),
+                second,
+                hour,
+            ),
             final_reply_timeout: checker.duration(
                 &format!("{path}.final_reply_timeout"),
                 &group.final_reply_timeout,
@@ -559,30 +682,45 @@ fn convert_groups(raw: &[RawGroup], checker: &mut Checker) -> BTreeMap<String, G
             ),
         };
         if groups.insert(name.clone(), config).is_some() {
-            checker.problem(format!("{path}.name"), group.name.referenced.line(), format!("group {name:?} is defined twice"));
+            checker.problem(
+                format!("{path}.name"),
+                group.name.referenced.line(),
+                format!("group {name:?} is defined twice"),
+            );
         }
     }
     groups
 }
 
-fn convert_relay(raw: &RawRelay, groups: &BTreeMap<String, GroupConfig>, checker: &mut Checker) -> RelayConfig {
+fn convert_relay(
+    raw: &RawRelay,
+    groups: &BTreeMap<String, GroupConfig>,
+    checker: &mut Checker,
+) -> RelayConfig {
     let mut relay = RelayConfig::default();
     let check_group = |checker: &mut Checker, path: String, group: &Text| {
         if !groups.contains_key(&group.value) {
             checker.problem(
                 path,
                 group.referenced.line(),
-                format!("unknown downstream group {:?}; define it under downstream_groups", group.value),
+                format!(
+                    "unknown downstream group {:?}; define it under downstream_groups",
+                    group.value
+                ),
             );
         }
     };
 
     for (index, domain) in raw.local_domains.iter().enumerate() {
         let path = format!("relay.local_domains[{index}]");
-        if let Some(name) = checker.domain(&path, domain) {
-            if !relay.local_domains.insert(name.clone()) {
-                checker.problem(path, domain.referenced.line(), format!("domain {name} is listed twice"));
-            }
+        if let Some(name) = checker.domain(&path, domain)
+            && !relay.local_domains.insert(name.clone())
+        {
+            checker.problem(
+                path,
+                domain.referenced.line(),
+                format!("domain {name} is listed twice"),
+            );
         }
     }
     for (index, entry) in raw.relay_domains.iter().enumerate() {
@@ -622,7 +760,11 @@ fn convert_relay(raw: &RawRelay, groups: &BTreeMap<String, GroupConfig>, checker
     relay
 }
 
-fn convert_queue(raw: Option<&RawQueue>, database_url: Option<&str>, checker: &mut Checker) -> Option<QueueSettings> {
+fn convert_queue(
+    raw: Option<&RawQueue>,
+    database_url: Option<&str>,
+    checker: &mut Checker,
+) -> Option<QueueSettings> {
     let raw_url = raw.and_then(|queue| queue.url.as_ref());
     let url = match (database_url, raw_url) {
         (Some(url), _) => url.to_string(),
@@ -651,14 +793,38 @@ fn convert_queue(raw: Option<&RawQueue>, database_url: Option<&str>, checker: &m
     let database = QueueConfig {
         url,
         pool_size: checker.bounded("queue.pool_size", &raw.pool_size, 32, 1, 1024) as usize,
-        chunk_size: checker.bounded("queue.chunk_size", &raw.chunk_size, 256 * 1024, 4096, 16 * 1024 * 1024) as usize,
-        statement_timeout: checker.duration("queue.statement_timeout", &raw.statement_timeout, Duration::from_secs(30), second, Duration::from_secs(3600)),
+        chunk_size: checker.bounded(
+            "queue.chunk_size",
+            &raw.chunk_size,
+            256 * 1024,
+            4096,
+            16 * 1024 * 1024,
+        ) as usize,
+        statement_timeout: checker.duration(
+            "queue.statement_timeout",
+            &raw.statement_timeout,
+            Duration::from_secs(30),
+            second,
+            Duration::from_secs(3600),
+        ),
         create_database: raw.create_database.unwrap_or(true),
-        receiving_ttl: checker.duration("queue.receiving_ttl", &raw.receiving_ttl, Duration::from_secs(3600), Duration::from_secs(60), Duration::from_secs(7 * 86_400)),
+        receiving_ttl: checker.duration(
+            "queue.receiving_ttl",
+            &raw.receiving_ttl,
+            Duration::from_secs(3600),
+            Duration::from_secs(60),
+            Duration::from_secs(7 * 86_400),
+        ),
     };
     Some(QueueSettings {
         database,
-        janitor_interval: checker.duration("queue.janitor_interval", &raw.janitor_interval, Duration::from_secs(60), second, Duration::from_secs(86_400)),
+        janitor_interval: checker.duration(
+            "queue.janitor_interval",
+            &raw.janitor_interval,
+            Duration::from_secs(60),
+            second,
+            Duration::from_secs(86_400),
+        ),
     })
 }
 
@@ -689,12 +855,28 @@ relay:
   relay_networks: [10.0.0.0/33]
 ";
         let problems = Config::parse(text, None).expect_err("config is invalid");
-        let summary: Vec<(String, u64)> = problems.iter().map(|p| (p.path.clone(), p.line)).collect();
-        assert!(summary.contains(&("listeners[0].address".to_string(), 2)), "{summary:?}");
-        assert!(summary.contains(&("relay.local_domains[1]".to_string(), 4)), "{summary:?}");
-        assert!(summary.contains(&("relay.relay_domains[0].group".to_string(), 7)), "{summary:?}");
-        assert!(summary.contains(&("relay.relay_networks[0]".to_string(), 8)), "{summary:?}");
-        assert!(summary.iter().any(|(path, _)| path == "queue"), "{summary:?}");
+        let summary: Vec<(String, u64)> =
+            problems.iter().map(|p| (p.path.clone(), p.line)).collect();
+        assert!(
+            summary.contains(&("listeners[0].address".to_string(), 2)),
+            "{summary:?}"
+        );
+        assert!(
+            summary.contains(&("relay.local_domains[1]".to_string(), 4)),
+            "{summary:?}"
+        );
+        assert!(
+            summary.contains(&("relay.relay_domains[0].group".to_string(), 7)),
+            "{summary:?}"
+        );
+        assert!(
+            summary.contains(&("relay.relay_networks[0]".to_string(), 8)),
+            "{summary:?}"
+        );
+        assert!(
+            summary.iter().any(|(path, _)| path == "queue"),
+            "{summary:?}"
+        );
     }
 
     #[test]
@@ -706,9 +888,13 @@ relay:
 
     #[test]
     fn database_url_overrides_queue_url() {
-        let text = "listeners:\n  - address: 127.0.0.1:2525\nqueue:\n  url: postgres://a@127.0.0.1/x\n";
+        let text =
+            "listeners:\n  - address: 127.0.0.1:2525\nqueue:\n  url: postgres://a@127.0.0.1/x\n";
         let config = Config::parse(text, Some("postgres://b@127.0.0.1/y")).expect("valid");
-        assert_eq!(config.queue.expect("queue").database.url, "postgres://b@127.0.0.1/y");
+        assert_eq!(
+            config.queue.expect("queue").database.url,
+            "postgres://b@127.0.0.1/y"
+        );
     }
 
     #[test]

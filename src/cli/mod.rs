@@ -14,10 +14,20 @@ use clap::{Parser, Subcommand};
 use crate::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "wsmtp", version, about = "SMTP front proxy with account-aware relay routing")]
+#[command(
+    name = "wsmtp",
+    version,
+    about = "SMTP front proxy with account-aware relay routing"
+)]
 pub struct Cli {
     /// Configuration file.
-    #[arg(long, short = 'c', global = true, default_value = "config.yaml", env = "WSMTP_CONFIG")]
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        default_value = "config.yaml",
+        env = "WSMTP_CONFIG"
+    )]
     pub config: PathBuf,
 
     #[command(subcommand)]
@@ -63,8 +73,12 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check => check(&cli.config),
         Command::Serve => with_config(&cli.config, |config| runtime(serve::serve(config))),
-        Command::Migrate => with_config(&cli.config, |config| runtime(queue_commands::migrate(config))),
-        Command::Queue(command) => with_config(&cli.config, |config| runtime(queue_commands::run(config, command))),
+        Command::Migrate => with_config(&cli.config, |config| {
+            runtime(queue_commands::migrate(config))
+        }),
+        Command::Queue(command) => with_config(&cli.config, |config| {
+            runtime(queue_commands::run(config, command))
+        }),
     }
 }
 
@@ -78,7 +92,11 @@ fn check(path: &Path) -> ExitCode {
                 config.relay.local_domains.len(),
                 config.relay.relay_domains.len(),
                 config.groups.len(),
-                if config.queue.is_some() { "configured" } else { "not configured" }
+                if config.queue.is_some() {
+                    "configured"
+                } else {
+                    "not configured"
+                }
             );
             ExitCode::SUCCESS
         }
@@ -108,14 +126,20 @@ fn with_config(path: &Path, command: impl FnOnce(Config) -> anyhow::Result<()>) 
 }
 
 fn runtime(future: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future)
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
 }
 
 /// Logs go to stderr as text or JSON; `RUST_LOG` overrides the configured filter.
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match config.log.format {
         crate::config::LogFormat::Text => builder.try_init(),
         crate::config::LogFormat::Json => builder.json().try_init(),

@@ -7,10 +7,9 @@ use crate::config::Config;
 use crate::queue::{ListFilter, Queue};
 
 fn open_queue(config: &Config) -> anyhow::Result<Queue> {
-    let settings = config
-        .queue
-        .as_ref()
-        .context("no queue configured: add a queue section to the configuration or set DATABASE_URL")?;
+    let settings = config.queue.as_ref().context(
+        "no queue configured: add a queue section to the configuration or set DATABASE_URL",
+    )?;
     Ok(Queue::new(&settings.database)?)
 }
 
@@ -27,13 +26,19 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
         QueueCommand::List { state, limit } => {
             let filter = ListFilter { state, limit };
             let messages = queue.list(&filter).await?;
-            println!("{:<32}  {:<9}  {:>10}  {:>5}  {:<25}  sender", "queue id", "state", "size", "rcpts", "received");
+            println!(
+                "{:<32}  {:<9}  {:>10}  {:>5}  {:<25}  sender",
+                "queue id", "state", "size", "rcpts", "received"
+            );
             for message in &messages {
                 println!(
                     "{:<32}  {:<9}  {:>10}  {:>5}  {:<25}  <{}>",
                     message.id.simple(),
                     message.state,
-                    message.size.map(|s| s.to_string()).unwrap_or_else(|| "-".to_string()),
+                    message
+                        .size
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".to_string()),
                     message.recipient_count,
                     format_time(message.received_at),
                     message.sender
@@ -42,7 +47,8 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
             println!("{} message(s)", messages.len());
         }
         QueueCommand::Show { id, body } => {
-            let id = uuid::Uuid::parse_str(&id).with_context(|| format!("invalid queue id {id:?}"))?;
+            let id =
+                uuid::Uuid::parse_str(&id).with_context(|| format!("invalid queue id {id:?}"))?;
             let Some(message) = queue.show(id).await? else {
                 anyhow::bail!("message {} not found in the queue", id.simple());
             };
@@ -51,8 +57,20 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
             println!("received:    {}", format_time(message.received_at));
             println!("client:      [{}] helo={}", message.client_ip, message.helo);
             println!("sender:      <{}>", message.sender);
-            println!("size:        {}", message.size.map(|s| s.to_string()).unwrap_or_else(|| "-".to_string()));
-            println!("chunks:      {}", message.chunk_count.map(|c| c.to_string()).unwrap_or_else(|| "-".to_string()));
+            println!(
+                "size:        {}",
+                message
+                    .size
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "-".to_string())
+            );
+            println!(
+                "chunks:      {}",
+                message
+                    .chunk_count
+                    .map(|c| c.to_string())
+                    .unwrap_or_else(|| "-".to_string())
+            );
             println!(
                 "parameters:  smtputf8={} body={} ret={} envid={}",
                 message.smtputf8,

@@ -39,7 +39,11 @@ pub async fn start_with_addresses(
     let queue = match &config.queue {
         Some(settings) => {
             let queue = Queue::new(&settings.database)?;
-            tokio::spawn(maintain_queue(queue.clone(), settings.janitor_interval, shutdown.clone()));
+            tokio::spawn(maintain_queue(
+                queue.clone(),
+                settings.janitor_interval,
+                shutdown.clone(),
+            ));
             Some(queue)
         }
         None => None,
@@ -55,7 +59,11 @@ pub async fn start_with_addresses(
 
 /// Applies migrations (retrying while the database is unreachable, since the
 /// listener keeps serving pass-through mail meanwhile), then runs the janitor.
-async fn maintain_queue(queue: Queue, janitor_interval: std::time::Duration, shutdown: CancellationToken) {
+async fn maintain_queue(
+    queue: Queue,
+    janitor_interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
     loop {
         match queue.migrate().await {
             Ok(()) => break,

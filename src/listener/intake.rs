@@ -36,7 +36,7 @@ enum Mode {
     /// No recipient accepted yet.
     Undecided,
     /// Relayed live to one group.
-    Relaying(Relay),
+    Relaying(Box<Relay>),
     /// The downstream connection broke after it accepted recipients, and no
     /// queue can take them over: the transaction can only fail.
     Broken,
@@ -46,8 +46,8 @@ enum Mode {
 /// Where the message content goes while it streams.
 enum Sink {
     None,
-    Relay(Relay),
-    Spool(SpoolWriter),
+    Relay(Box<Relay>),
+    Spool(Box<SpoolWriter>),
 }
 
 pub struct Intake {
@@ -95,7 +95,11 @@ impl Intake {
     }
 
     /// Opens a relay to `group`, reusing the idle session when it matches.
-    async fn open_relay(&mut self, group: &str, envelope: &Envelope) -> Result<(Relay, Reply), Reply> {
+    async fn open_relay(
+        &mut self,
+        group: &str,
+        envelope: &Envelope,
+    ) -> Result<(Relay, Reply), Reply> {
         let config = &self.shared.config;
         let Some(group_config) = config.groups.get(group) else {
             tracing::error!(group, "route names a group that is not configured");
@@ -137,10 +141,16 @@ impl Intake {
     }
 
     /// Routes a recipient to a downstream group.
-    async fn relay_recipient(&mut self, group: &str, envelope: &Envelope, recipient: &Recipient) -> Reply {
+    async fn relay_recipient(
+        &mut self,
+        group: &str,
+        envelope: &Envelope,
+        recipient: &Recipient,
+    ) -> Reply {
         match &mut self.mode {
             Mode::Spooling => {
-                self.recipients.push(Intake::spool_recipient(recipient, Some(group)));
+                self.recipients
+                    .push(Intake::spool_recipient(recipient, Some(group)));
                 return Reply::recipient_ok();
             }
             Mode::Broken => return Reply::downstream_failed(),
@@ -148,7 +158,8 @@ impl Intake {
                 if let Err(reply) = self.switch_to_spool().await {
                     return reply;
                 }
-                self.recipients.push(Intake::spool_recipient(recipient, Some(group)));
+                self.recipients
+                    .push(Intake::spool_recipient(recipient, Some(group)));
                 return Reply::recipient_ok();
             }
             Mode::Relaying(_) | Mode::Undecided => {}
@@ -159,10 +170,13 @@ impl Intake {
                 return reply.clone();
             }
             match self.open_relay(group, envelope).await {
-                Ok((relay, mail_reply)) if mail_reply.is_positive() => self.mode = Mode::Relaying(relay),
+                Ok((relay, mail_reply)) if mail_reply.is_positive() => {
+                    self.mode = Mode::Relaying(Box::new(relay))
+                }
                 Ok((relay, mail_reply)) => {
                     relay.quit().await;
-                    self.failed_groups.insert(group.to_string(), mail_reply.clone());
+                    self.failed_groups
+                        .insert(group.to_string(), mail_reply.clone());
                     return mail_reply;
                 }
                 Err(reply) => {
@@ -178,7 +192,8 @@ impl Intake {
         match relay.rcpt(recipient).await {
             Ok(reply) => {
                 if reply.is_positive() {
-                    self.recipients.push(Intake::spool_recipient(recipient, Some(group)));
+                    self.recipients
+                        .push(Intake::spool_recipient(recipient, Some(group)));
                 }
                 reply
             }
@@ -203,7 +218,13 @@ impl Intake {
         self.mode = next;
     }
 
-    fn log_decision(client: &ClientInfo, envelope: &Envelope, recipient: &Recipient, decision: &policy::Decision, reply: &Reply) {
+    fn log_decision(
+        client: &ClientInfo,
+        envelope: &Envelope,
+        recipient: &Recipient,
+        decision: &policy::Decision,
+        reply: &Reply,
+    ) {
         tracing::info!(
             queue_id = %envelope.queue_id(),
             client = %client.peer.ip(),
@@ -231,8 +252,18 @@ impl Intake {
 }
 
 impl Handler for Intake {
-    async fn recipient(&mut self, client: &ClientInfo, envelope: &Envelope, recipient: &Recipient) -> Reply {
-        let decision = policy::decide_recipient(&self.shared.config.relay, client.peer.ip(), &recipient.address);
+    async fn recipient(
+        &mut self,
+        client: &ClientInfo,
+        envelope: &Envelope,
+        recipient: &Recipient,
+    ) -> Reply {
+        let decision = policy::decide_recipient(
+            &self.shared.config.relay,
+            client.peer.ip(),
+            &recipient.address,
+            recipient.bare_postmaster,
+        );
         let reply = match &decision.action {
             Action::Reject(reply) => reply.clone(),
             Action::Accept(Route::Local) => {
@@ -243,7 +274,8 @@ impl Handler for Intake {
                 } else {
                     match self.switch_to_spool().await {
                         Ok(()) => {
-                            self.recipients.push(Intake::spool_recipient(recipient, None));
+                            self.recipients
+                                .push(Intake::spool_recipient(recipient, None));
                             Reply::recipient_ok()
                         }
                         Err(reply) => reply,
@@ -259,7 +291,11 @@ impl Handler for Intake {
         reply
     }
 
-    async fn start_message(&mut self, client: &ClientInfo, envelope: &Envelope) -> Result<(), Reply> {
+    async fn start_message(
+        &mut self,
+        client: &ClientInfo,
+        envelope: &Envelope,
+    ) -> Result<(), Reply> {
         match std::mem::replace(&mut self.mode, Mode::Undecided) {
             Mode::Relaying(mut relay) => match relay.data().await {
                 Ok(None) => {
@@ -279,8 +315,9 @@ impl Handler for Intake {
                 let Some(queue) = &self.shared.queue else {
                     return Err(Reply::queue_unavailable());
                 };
-                let queue_envelope = Intake::queue_envelope(client.peer.ip(), &client.helo, envelope);
-                self.sink = Sink::Spool(queue.begin(queue_envelope));
+                let queue_envelope =
+                    Intake::queue_envelope(client.peer.ip(), &client.helo, envelope);
+                self.sink = Sink::Spool(Box::new(queue.begin(queue_envelope)));
                 Ok(())
             }
             Mode::Broken => Err(Reply::downstream_failed()),
@@ -313,7 +350,7 @@ impl Handler for Intake {
                         reply = %reply.summary(),
                         "passed through"
                     );
-                    self.idle_relay = Some(relay);
+                    self.idle_relay = Some(*relay);
                     reply
                 }
                 Err(error) => {
@@ -350,7 +387,7 @@ impl Handler for Intake {
         match std::mem::replace(&mut self.mode, Mode::Undecided) {
             Mode::Relaying(mut relay) => {
                 if relay.reset().await.is_ok() {
-                    self.idle_relay = Some(relay);
+                    self.idle_relay = Some(*relay);
                 }
             }
             Mode::Undecided | Mode::Broken | Mode::Spooling => {}

@@ -47,7 +47,10 @@ impl ConnectionLimits {
         use std::sync::atomic::Ordering;
         // A poisoned lock means a session panicked while holding it; the
         // counters are still usable, so recover the guard.
-        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if self.total.load(Ordering::Relaxed) >= self.max_total {
             return Err(Reply::too_many_connections());
         }
@@ -67,7 +70,11 @@ impl ConnectionLimits {
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering;
-        let mut open = self.limits.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut open = self
+            .limits
+            .open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(count) = open.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {
@@ -134,7 +141,10 @@ impl Server {
         let tracker = TaskTracker::new();
         let sessions = CancellationToken::new();
         for (socket, session_config) in self.sockets {
-            let address = socket.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let address = socket
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
             tracing::info!(address = %address, tls = session_config.tls.is_some(), "listening");
             tracker.spawn(accept_loop(
                 socket,
@@ -148,12 +158,18 @@ impl Server {
         }
 
         shutdown.cancelled().await;
-        tracing::info!(grace_seconds = self.grace.as_secs(), "shutting down: no new connections");
+        tracing::info!(
+            grace_seconds = self.grace.as_secs(),
+            "shutting down: no new connections"
+        );
         // Idle sessions close with 421 now; sessions inside a transaction get
         // the grace period to finish it.
         sessions.cancel();
         tracker.close();
-        if tokio::time::timeout(self.grace, tracker.wait()).await.is_err() {
+        if tokio::time::timeout(self.grace, tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("grace period over: closing sessions still open");
         }
     }
@@ -217,10 +233,13 @@ async fn refuse(mut stream: TcpStream, reply: Reply) {
 
 /// Loads a certificate chain and private key (PEM) into a TLS acceptor.
 pub fn load_tls(files: &TlsFiles) -> anyhow::Result<TlsAcceptor> {
-    let certificates: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.certificate)
-        .with_context(|| format!("cannot read certificate {}", files.certificate.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("invalid certificate PEM in {}", files.certificate.display()))?;
+    let certificates: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(&files.certificate)
+            .with_context(|| format!("cannot read certificate {}", files.certificate.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| {
+                format!("invalid certificate PEM in {}", files.certificate.display())
+            })?;
     if certificates.is_empty() {
         anyhow::bail!("no certificate found in {}", files.certificate.display());
     }

@@ -23,7 +23,10 @@ const WRITE_BUFFER: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("no host of group {group} answered: {}", .failures.join("; "))]
-    Unreachable { group: String, failures: Vec<String> },
+    Unreachable {
+        group: String,
+        failures: Vec<String>,
+    },
     #[error(transparent)]
     Client(#[from] ClientError),
 }
@@ -59,8 +62,13 @@ impl Relay {
     }
 
     async fn open_host(group: &GroupConfig, host: &str, ehlo_name: &str) -> Result<Relay, String> {
-        let mut client = Client::connect(host, group.connect_timeout).await.map_err(|e| e.to_string())?;
-        let greeting = client.read_reply(group.command_timeout).await.map_err(|e| e.to_string())?;
+        let mut client = Client::connect(host, group.connect_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        let greeting = client
+            .read_reply(group.command_timeout)
+            .await
+            .map_err(|e| e.to_string())?;
         if greeting.class() != 2 {
             return Err(format!("{host} greeted with {}", greeting.summary()));
         }
@@ -108,10 +116,10 @@ impl Relay {
             // cannot be relayed as it is.
             return Ok(Reply::smtputf8_not_negotiated());
         }
-        if let (Some(size), Some(max)) = (parameters.size, self.capabilities.max_size) {
-            if size > max {
-                return Ok(Reply::message_too_large(max));
-            }
+        if let (Some(size), Some(max)) = (parameters.size, self.capabilities.max_size)
+            && size > max
+        {
+            return Ok(Reply::message_too_large(max));
         }
 
         let mut command = format!("MAIL FROM:<{}>", envelope.sender_text());
@@ -198,7 +206,11 @@ impl Relay {
 
     /// Says goodbye; errors do not matter any more at this point.
     pub async fn quit(mut self) {
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.client.command("QUIT", self.command_timeout)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            self.client.command("QUIT", self.command_timeout),
+        )
+        .await;
     }
 }
 

@@ -12,8 +12,8 @@
 //!    route on it (the `%` hack, `!` paths, quoted `@`).
 //! 2. `address_literal`: a domain written as an address literal goes to the
 //!    outbound group from a relay network, and is rejected from elsewhere.
-//! 3. `postmaster`: postmaster at a local domain is always accepted
-//!    (RFC 5321 §4.5.1).
+//! 3. `postmaster`: postmaster at a local domain, and `<Postmaster>` without
+//!    a domain, are always accepted (RFC 5321 §4.5.1).
 //! 4. `local_domains`: spooled for local routing.
 //! 5. `relay_domains`: passed to the domain's group.
 //! 6. `relay_networks`: a client in a relay network may send anywhere, through
@@ -79,9 +79,22 @@ impl Decision {
 }
 
 /// Decides one recipient; see the module documentation for the rules.
-pub fn decide_recipient(relay: &RelayConfig, client: IpAddr, recipient: &Address) -> Decision {
+/// `bare_postmaster` is true for `<Postmaster>` written without a domain,
+/// which is always accepted for local routing (RFC 5321 §4.5.1).
+pub fn decide_recipient(
+    relay: &RelayConfig,
+    client: IpAddr,
+    recipient: &Address,
+    bare_postmaster: bool,
+) -> Decision {
+    if bare_postmaster {
+        return Decision::accept(Route::Local, "postmaster");
+    }
     let client = canonical_ip(client);
-    let trusted_network = relay.relay_networks.iter().find(|network| network.contains(&client));
+    let trusted_network = relay
+        .relay_networks
+        .iter()
+        .find(|network| network.contains(&client));
 
     if recipient.has_routing_characters() && trusted_network.is_none() {
         return Decision::reject(Reply::routing_characters_denied(), "routing_characters");
@@ -90,9 +103,10 @@ pub fn decide_recipient(relay: &RelayConfig, client: IpAddr, recipient: &Address
     let name = match recipient.domain() {
         Domain::Literal(_) => {
             return match (trusted_network, &relay.outbound_group) {
-                (Some(network), Some(group)) => {
-                    Decision::accept(Route::Group(group.clone()), format!("relay_networks[{network}]"))
-                }
+                (Some(network), Some(group)) => Decision::accept(
+                    Route::Group(group.clone()),
+                    format!("relay_networks[{network}]"),
+                ),
                 _ => Decision::reject(Reply::relay_denied(), "address_literal"),
             };
         }
@@ -100,14 +114,24 @@ pub fn decide_recipient(relay: &RelayConfig, client: IpAddr, recipient: &Address
     };
 
     if relay.local_domains.contains(name) {
-        let rule = if recipient.is_postmaster() { "postmaster" } else { "local_domains" };
+        let rule = if recipient.is_postmaster() {
+            "postmaster"
+        } else {
+            "local_domains"
+        };
         return Decision::accept(Route::Local, rule);
     }
     if let Some(group) = relay.relay_domains.get(name) {
-        return Decision::accept(Route::Group(group.clone()), format!("relay_domains[{name}]"));
+        return Decision::accept(
+            Route::Group(group.clone()),
+            format!("relay_domains[{name}]"),
+        );
     }
     match (trusted_network, &relay.outbound_group) {
-        (Some(network), Some(group)) => Decision::accept(Route::Group(group.clone()), format!("relay_networks[{network}]")),
+        (Some(network), Some(group)) => Decision::accept(
+            Route::Group(group.clone()),
+            format!("relay_networks[{network}]"),
+        ),
         _ => Decision::reject(Reply::relay_denied(), "no_relay"),
     }
 }
@@ -128,15 +152,24 @@ mod tests {
     fn relay_config() -> RelayConfig {
         let mut relay = RelayConfig::default();
         relay.local_domains.insert("example.com".to_string());
-        relay.relay_domains.insert("example.net".to_string(), "legacy".to_string());
-        relay.relay_networks.push("127.0.0.1/32".parse().expect("network"));
+        relay
+            .relay_domains
+            .insert("example.net".to_string(), "legacy".to_string());
+        relay
+            .relay_networks
+            .push("127.0.0.1/32".parse().expect("network"));
         relay.outbound_group = Some("outbound".to_string());
         relay
     }
 
     fn decide(client: &str, recipient: &str) -> Decision {
         let address = Address::parse(recipient).expect("valid address");
-        decide_recipient(&relay_config(), client.parse().expect("ip"), &address)
+        decide_recipient(
+            &relay_config(),
+            client.parse().expect("ip"),
+            &address,
+            false,
+        )
     }
 
     #[test]
@@ -144,16 +177,51 @@ mod tests {
         let cases = [
             ("127.0.0.2", "alice@example.com", "local", "local_domains"),
             ("127.0.0.2", "ALICE@Example.COM.", "local", "local_domains"),
-            ("127.0.0.2", "bob@example.net", "relay", "relay_domains[example.net]"),
+            (
+                "127.0.0.2",
+                "bob@example.net",
+                "relay",
+                "relay_domains[example.net]",
+            ),
             ("127.0.0.2", "carol@example.org", "reject", "no_relay"),
-            ("127.0.0.1", "carol@example.org", "relay", "relay_networks[127.0.0.1/32]"),
-            ("::ffff:127.0.0.1", "carol@example.org", "relay", "relay_networks[127.0.0.1/32]"),
+            (
+                "127.0.0.1",
+                "carol@example.org",
+                "relay",
+                "relay_networks[127.0.0.1/32]",
+            ),
+            (
+                "::ffff:127.0.0.1",
+                "carol@example.org",
+                "relay",
+                "relay_networks[127.0.0.1/32]",
+            ),
             ("127.0.0.2", "Postmaster@example.com", "local", "postmaster"),
-            ("127.0.0.2", "user%example.org@example.com", "reject", "routing_characters"),
-            ("127.0.0.2", "example.org!user@example.net", "reject", "routing_characters"),
-            ("127.0.0.2", "user@example.org@example.com", "reject", "routing_characters"),
+            (
+                "127.0.0.2",
+                "user%example.org@example.com",
+                "reject",
+                "routing_characters",
+            ),
+            (
+                "127.0.0.2",
+                "example.org!user@example.net",
+                "reject",
+                "routing_characters",
+            ),
+            (
+                "127.0.0.2",
+                "user@example.org@example.com",
+                "reject",
+                "routing_characters",
+            ),
             ("127.0.0.2", "user@[127.0.0.1]", "reject", "address_literal"),
-            ("127.0.0.1", "user@[192.0.2.1]", "relay", "relay_networks[127.0.0.1/32]"),
+            (
+                "127.0.0.1",
+                "user@[192.0.2.1]",
+                "relay",
+                "relay_networks[127.0.0.1/32]",
+            ),
             ("127.0.0.2", "user@sub.example.com", "reject", "no_relay"),
         ];
         for (client, recipient, kind, rule) in cases {

@@ -25,7 +25,10 @@ pub enum QueueError {
     /// The database could not be reached, a pool timeout passed, or the
     /// connection broke. Transient.
     #[error("queue database unavailable while trying to {action}: {detail}")]
-    Unavailable { action: &'static str, detail: String },
+    Unavailable {
+        action: &'static str,
+        detail: String,
+    },
 
     /// The server returned an error for an SQL statement.
     #[error("queue database error while trying to {action}: {detail}")]
@@ -83,7 +86,9 @@ impl QueueError {
     /// lack of resources, shutdown, canceled statement).
     pub fn is_transient(&self) -> bool {
         match self {
-            QueueError::Unavailable { .. } | QueueError::NotReceiving { .. } | QueueError::Output { .. } => true,
+            QueueError::Unavailable { .. }
+            | QueueError::NotReceiving { .. }
+            | QueueError::Output { .. } => true,
             QueueError::Database { source, .. } => is_transient_sqlstate(source.code()),
             QueueError::InvalidUrl { .. }
             | QueueError::InvalidConfig(_)
@@ -120,7 +125,10 @@ impl QueueError {
     }
 
     /// Classifies a pool checkout error.
-    pub(crate) fn from_pool(action: &'static str, error: deadpool_postgres::PoolError) -> QueueError {
+    pub(crate) fn from_pool(
+        action: &'static str,
+        error: deadpool_postgres::PoolError,
+    ) -> QueueError {
         use deadpool_postgres::PoolError;
         match error {
             PoolError::Backend(source) => QueueError::from_pg(action, source),
@@ -164,7 +172,12 @@ fn is_transient_sqlstate(code: Option<&SqlState>) -> bool {
 /// because the driver's own `Display` prints only the error kind.
 pub(crate) fn describe_pg_error(error: &tokio_postgres::Error) -> String {
     if let Some(db) = error.as_db_error() {
-        let mut text = format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code());
+        let mut text = format!(
+            "{}: {} (SQLSTATE {})",
+            db.severity(),
+            db.message(),
+            db.code().code()
+        );
         if let Some(detail) = db.detail() {
             let _ = write!(text, "; detail: {detail}");
         }

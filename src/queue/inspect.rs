@@ -136,7 +136,9 @@ impl Queue {
             )
             .await
             .map_err(|e| QueueError::from_pg(ACTION, e))?;
-        tx.commit().await.map_err(|e| QueueError::from_pg(ACTION, e))?;
+        tx.commit()
+            .await
+            .map_err(|e| QueueError::from_pg(ACTION, e))?;
 
         let recipients: Vec<RecipientDetail> = recipient_rows
             .iter()
@@ -184,7 +186,8 @@ impl Queue {
 
     /// Writes the body of a `ready` message to `out`, one chunk at a time, so
     /// memory use stays bounded by the chunk size. Returns the number of
-    /// bytes written.
+    /// bytes written. One pooled connection stays checked out until the
+    /// copy ends, but no transaction stays open.
     ///
     /// The chunk count, size and SHA-256 digest are checked against the
     /// message row. A mismatch is reported as [`QueueError::Integrity`], but
@@ -207,9 +210,11 @@ impl Queue {
             return Err(QueueError::NotFound { id });
         };
         let state: String = row.get(0);
-        let (Some(size), Some(chunk_count), Some(expected_digest)) =
-            (row.get::<_, Option<i64>>(1), row.get::<_, Option<i32>>(2), row.get::<_, Option<Vec<u8>>>(3))
-        else {
+        let (Some(size), Some(chunk_count), Some(expected_digest)) = (
+            row.get::<_, Option<i64>>(1),
+            row.get::<_, Option<i32>>(2),
+            row.get::<_, Option<Vec<u8>>>(3),
+        ) else {
             return Err(QueueError::NotReady { id, state });
         };
 
@@ -229,20 +234,33 @@ impl Queue {
                 .await
                 .map_err(|e| QueueError::from_pg(ACTION, e))?;
             let Some(chunk) = chunk else {
-                return Err(integrity(id, &format!("chunk {seq} of {chunk_count} is missing")));
+                return Err(integrity(
+                    id,
+                    &format!("chunk {seq} of {chunk_count} is missing"),
+                ));
             };
             let data: &[u8] = chunk.get(0);
             hasher.update(data);
-            out.write_all(data).await.map_err(|source| QueueError::Output { id, source })?;
+            out.write_all(data)
+                .await
+                .map_err(|source| QueueError::Output { id, source })?;
             written += data.len() as u64;
         }
-        out.flush().await.map_err(|source| QueueError::Output { id, source })?;
+        out.flush()
+            .await
+            .map_err(|source| QueueError::Output { id, source })?;
 
         if written != size as u64 {
-            return Err(integrity(id, &format!("chunks hold {written} octets, size is {size}")));
+            return Err(integrity(
+                id,
+                &format!("chunks hold {written} octets, size is {size}"),
+            ));
         }
         if hasher.finalize().as_slice() != expected_digest.as_slice() {
-            return Err(integrity(id, "SHA-256 digest of the stored chunks does not match body_sha256"));
+            return Err(integrity(
+                id,
+                "SHA-256 digest of the stored chunks does not match body_sha256",
+            ));
         }
         Ok(written)
     }

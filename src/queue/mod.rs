@@ -13,13 +13,20 @@
 //! Guarantees:
 //! - `commit` returns `Ok` only after the transaction that stores the last
 //!   chunk, the recipients and state `ready` has committed with
-//!   `synchronous_commit = on`, so the SMTP server may answer 250.
-//! - A message whose writer was aborted, dropped, or failed never becomes
-//!   `ready`. A trigger rejects `ready` unless all chunks are stored and
+//!   `synchronous_commit = on`, so the SMTP server may send its 250 reply.
+//! - A message whose writer failed, was aborted, or was dropped before
+//!   `commit` never becomes `ready`. A trigger rejects `ready` unless all chunks are stored and
 //!   their lengths add up to `size`.
-//! - The writer holds at most `chunk_size` bytes of body, and each chunk is
+//! - The writer buffers at most `chunk_size` bytes of body, and each chunk is
 //!   stored in its own short transaction, so no transaction stays open while
 //!   a client sends data.
+//! - Every connection, pooled or not, starts with `synchronous_commit = on`,
+//!   `statement_timeout` and `idle_in_transaction_session_timeout` (both from
+//!   [`QueueConfig::statement_timeout`]) and `application_name = 'wsmtp'`
+//!   unless the URL sets another name.
+//! - Pool checkout, connection setup and the recycle check each time out
+//!   after [`POOL_TIMEOUT`], so a database that is down yields a transient
+//!   error instead of a hang.
 //!
 //! Trust: the envelope values come from the SMTP session and are stored as
 //! given, except `body_type` and `dsn_ret`, which are upper-cased because
@@ -27,13 +34,13 @@
 //! parameters only.
 //!
 //! Errors: [`QueueError`], with [`QueueError::is_transient`] telling whether a
-//! retry may succeed (the SMTP server then answers 451 rather than 554).
+//! retry may succeed (the SMTP server then replies 451 rather than 554).
 //!
 //! Known gaps: if the connection breaks while COMMIT is in flight, `commit`
-//! looks the message up once; in rare races that lookup misses a commit that
-//! completes later, and the client's retry then creates a duplicate (the
-//! duplicate problem of RFC 1047). Bodies are checked against their digest
-//! only when read.
+//! looks the message up once on another connection. In rare races that
+//! lookup runs before the commit completes, so `commit` reports a failure
+//! and the client's retry creates a duplicate (the duplicate problem of
+//! RFC 1047). Bodies are checked against their digest only when read.
 
 mod error;
 mod inspect;
@@ -164,13 +171,18 @@ impl Queue {
     /// invalid URL or an out-of-range configuration value.
     pub fn new(config: &QueueConfig) -> Result<Queue, QueueError> {
         let mut pg_config: tokio_postgres::Config =
-            config.url.parse().map_err(|source: tokio_postgres::Error| QueueError::InvalidUrl {
-                detail: error::describe_pg_error(&source),
-                source,
-            })?;
+            config
+                .url
+                .parse()
+                .map_err(|source: tokio_postgres::Error| QueueError::InvalidUrl {
+                    detail: error::describe_pg_error(&source),
+                    source,
+                })?;
 
         if config.pool_size == 0 {
-            return Err(QueueError::InvalidConfig("pool_size must be at least 1".to_owned()));
+            return Err(QueueError::InvalidConfig(
+                "pool_size must be at least 1".to_owned(),
+            ));
         }
         if config.chunk_size == 0 || config.chunk_size > MAX_CHUNK_SIZE {
             return Err(QueueError::InvalidConfig(format!(
@@ -179,7 +191,9 @@ impl Queue {
             )));
         }
         if config.receiving_ttl < Duration::from_secs(1) {
-            return Err(QueueError::InvalidConfig("receiving_ttl must be at least 1 second".to_owned()));
+            return Err(QueueError::InvalidConfig(
+                "receiving_ttl must be at least 1 second".to_owned(),
+            ));
         }
 
         apply_session_settings(&mut pg_config, config.statement_timeout);
@@ -275,7 +289,7 @@ impl Queue {
 
     /// Returns the connection pool, for modules that run their own queries
     /// on the spool tables (router, delivery workers). Its connections carry
-    /// the session settings described in [`Queue::new`].
+    /// the session settings listed in the module documentation.
     pub fn pool(&self) -> &Pool {
         &self.inner.pool
     }

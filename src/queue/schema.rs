@@ -20,7 +20,7 @@ const MIGRATION_LOCK_KEY: i64 = 0x7773_6d74_706d_6967;
 const CREATE_DATABASE_ATTEMPTS: u32 = 5;
 
 /// Creates the database if needed and allowed, then applies the embedded
-/// migrations on a dedicated connection that holds the migration lock.
+/// migrations on a dedicated connection that owns the migration lock.
 pub(super) async fn migrate(pg_config: &Config, create_database: bool) -> Result<(), QueueError> {
     let mut client = match connect(pg_config, "connect for migration").await {
         Ok(client) => client,
@@ -79,7 +79,11 @@ async fn create_missing_database(pg_config: &Config) -> Result<(), QueueError> {
     const ACTION: &str = "create the queue database";
 
     // tokio-postgres defaults the database name to the user name.
-    let Some(name) = pg_config.get_dbname().or(pg_config.get_user()).map(str::to_owned) else {
+    let Some(name) = pg_config
+        .get_dbname()
+        .or(pg_config.get_user())
+        .map(str::to_owned)
+    else {
         return Err(QueueError::InvalidConfig(
             "the queue database URL names neither a database nor a user".to_owned(),
         ));
@@ -99,12 +103,16 @@ async fn create_missing_database(pg_config: &Config) -> Result<(), QueueError> {
         match error.code() {
             // 42P04: created by someone else since our connect failed. 23505:
             // the same race, caught by the unique index of pg_database.
-            Some(code) if *code == SqlState::DUPLICATE_DATABASE || *code == SqlState::UNIQUE_VIOLATION => {
+            Some(code)
+                if *code == SqlState::DUPLICATE_DATABASE || *code == SqlState::UNIQUE_VIOLATION =>
+            {
                 return Ok(());
             }
-            // 55006: another session is connected to the template database,
-            // for example a concurrent CREATE DATABASE. Retry after a pause.
-            Some(code) if *code == SqlState::OBJECT_IN_USE && attempt < CREATE_DATABASE_ATTEMPTS => {
+            // 55006: another session is connected to the template database.
+            // Such sessions are usually short, so retry after a pause.
+            Some(code)
+                if *code == SqlState::OBJECT_IN_USE && attempt < CREATE_DATABASE_ATTEMPTS =>
+            {
                 tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
             }
             _ => return Err(QueueError::from_pg(ACTION, error)),

@@ -2,8 +2,8 @@
 
 use std::time::Instant;
 
-use sha2::{Digest, Sha256};
 use deadpool_postgres::GenericClient;
+use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
 
 use super::{Envelope, Queue, QueueError, QueueId, SpoolRecipient};
@@ -14,10 +14,12 @@ const INSERT_MESSAGE: &str = "INSERT INTO messages
 
 const INSERT_CHUNK: &str = "INSERT INTO message_chunks (message_id, seq, data) VALUES ($1, $2, $3)";
 
-const EXTEND_EXPIRY: &str = "UPDATE messages SET expires_at = now() + $2::float8 * interval '1 second'
+const EXTEND_EXPIRY: &str =
+    "UPDATE messages SET expires_at = now() + $2::float8 * interval '1 second'
     WHERE id = $1 AND state = 'receiving'";
 
-const INSERT_RECIPIENTS: &str = "INSERT INTO recipients (message_id, address, route_group, orcpt, notify)
+const INSERT_RECIPIENTS: &str =
+    "INSERT INTO recipients (message_id, address, route_group, orcpt, notify)
     SELECT $1, address, route_group, orcpt, notify
       FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
            AS r (address, route_group, orcpt, notify)";
@@ -58,7 +60,10 @@ impl SpoolWriter {
     pub(super) fn new(queue: Queue, mut envelope: Envelope) -> SpoolWriter {
         // ESMTP keywords are case-insensitive (RFC 5321 section 2.4), and the
         // table constraints accept the upper-case spelling.
-        for value in [&mut envelope.body_type, &mut envelope.dsn_ret].into_iter().flatten() {
+        for value in [&mut envelope.body_type, &mut envelope.dsn_ret]
+            .into_iter()
+            .flatten()
+        {
             value.make_ascii_uppercase();
         }
         SpoolWriter {
@@ -92,18 +97,21 @@ impl SpoolWriter {
             return Err(QueueError::WriterFailed { id: self.id() });
         }
         let chunk_size = self.queue.inner.chunk_size;
-        if self.buffer.capacity() == 0 && !data.is_empty() {
-            self.buffer.reserve_exact(chunk_size);
-        }
-
         while !data.is_empty() {
-            if self.buffer.len() == chunk_size {
-                if let Err(error) = self.flush_chunk().await {
-                    self.failed = true;
-                    return Err(error);
-                }
+            if self.buffer.len() == chunk_size
+                && let Err(error) = self.flush_chunk().await
+            {
+                self.failed = true;
+                return Err(error);
             }
             let take = data.len().min(chunk_size - self.buffer.len());
+            let needed = self.buffer.len() + take;
+            if needed > self.buffer.capacity() {
+                // Grow geometrically but never past chunk_size, so a small
+                // message keeps a small buffer.
+                let target = (self.buffer.capacity() * 2).max(needed).min(chunk_size);
+                self.buffer.reserve_exact(target - self.buffer.len());
+            }
             let (head, rest) = data.split_at(take);
             self.buffer.extend_from_slice(head);
             self.hasher.update(head);
@@ -129,9 +137,14 @@ impl SpoolWriter {
             insert_chunk(&client, id, self.next_seq, &self.buffer).await?;
         } else {
             let now = Instant::now();
-            let tx = client.transaction().await.map_err(|e| pg_error(ACTION, id, e))?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(|e| pg_error(ACTION, id, e))?;
             if self.row_inserted {
-                let updated = execute_cached(&tx, ACTION, id, EXTEND_EXPIRY, &[&id, &ttl.as_secs_f64()]).await?;
+                let updated =
+                    execute_cached(&tx, ACTION, id, EXTEND_EXPIRY, &[&id, &ttl.as_secs_f64()])
+                        .await?;
                 if updated != 1 {
                     return Err(QueueError::NotReceiving { id });
                 }
@@ -145,9 +158,12 @@ impl SpoolWriter {
             self.expiry_set_at = now;
         }
 
-        self.next_seq = self.next_seq.checked_add(1).ok_or_else(|| QueueError::InvalidConfig(
-            format!("message {id} needs more than {} chunks; raise chunk_size", i32::MAX),
-        ))?;
+        self.next_seq = self.next_seq.checked_add(1).ok_or_else(|| {
+            QueueError::InvalidConfig(format!(
+                "message {id} needs more than {} chunks; raise chunk_size",
+                i32::MAX
+            ))
+        })?;
         self.buffer.clear();
         Ok(())
     }
@@ -162,14 +178,14 @@ impl SpoolWriter {
             envelope.id,
             INSERT_MESSAGE,
             &[
-                    &envelope.id,
-                    &envelope.sender,
-                    &envelope.client_ip,
-                    &envelope.helo,
-                    &envelope.smtputf8,
-                    &envelope.body_type,
-                    &envelope.dsn_ret,
-                    &envelope.dsn_envid,
+                &envelope.id,
+                &envelope.sender,
+                &envelope.client_ip,
+                &envelope.helo,
+                &envelope.smtputf8,
+                &envelope.body_type,
+                &envelope.dsn_ret,
+                &envelope.dsn_envid,
                 &ttl_seconds,
             ],
         )
@@ -179,7 +195,7 @@ impl SpoolWriter {
 
     /// Stores the rest of the body and the recipients and marks the message
     /// `ready`, all in one transaction. Returns `Ok` only after the commit
-    /// returned, so the caller may then answer 250.
+    /// returned, so the caller may then send its 250 reply.
     ///
     /// If the connection breaks during COMMIT, the outcome is unknown: the
     /// message is then looked up once on another connection, and `ready`
@@ -197,7 +213,10 @@ impl SpoolWriter {
         }
     }
 
-    async fn commit_transaction(&mut self, recipients: &[SpoolRecipient]) -> Result<(), CommitFailure> {
+    async fn commit_transaction(
+        &mut self,
+        recipients: &[SpoolRecipient],
+    ) -> Result<(), CommitFailure> {
         const ACTION: &str = "commit the message";
         let id = self.id();
         if self.failed {
@@ -208,13 +227,16 @@ impl SpoolWriter {
         }
 
         let mut client = self.queue.client(ACTION).await?;
-        let tx = client.transaction().await.map_err(|e| pg_error(ACTION, id, e))?;
+        let tx = client
+            .transaction()
+            .await
+            .map_err(|e| pg_error(ACTION, id, e))?;
         if !self.row_inserted {
             self.row_may_exist = true;
             self.insert_message(&tx).await?;
         }
 
-        // An empty body has no chunks. Otherwise the buffer holds the last
+        // An empty body has no chunks. Otherwise the buffer contains the last
         // chunk, because write() flushes only when more data follows.
         let mut chunk_count = self.next_seq;
         if !self.buffer.is_empty() {
@@ -223,15 +245,30 @@ impl SpoolWriter {
         }
 
         let addresses: Vec<&str> = recipients.iter().map(|r| r.address.as_str()).collect();
-        let route_groups: Vec<Option<&str>> = recipients.iter().map(|r| r.route_group.as_deref()).collect();
+        let route_groups: Vec<Option<&str>> = recipients
+            .iter()
+            .map(|r| r.route_group.as_deref())
+            .collect();
         let orcpts: Vec<Option<&str>> = recipients.iter().map(|r| r.orcpt.as_deref()).collect();
         let notifies: Vec<Option<&str>> = recipients.iter().map(|r| r.notify.as_deref()).collect();
-        execute_cached(&tx, ACTION, id, INSERT_RECIPIENTS, &[&id, &addresses, &route_groups, &orcpts, &notifies])
-            .await?;
+        execute_cached(
+            &tx,
+            ACTION,
+            id,
+            INSERT_RECIPIENTS,
+            &[&id, &addresses, &route_groups, &orcpts, &notifies],
+        )
+        .await?;
 
         let digest = self.hasher.clone().finalize();
-        let updated = execute_cached(&tx, ACTION, id, MARK_READY, &[&id, &self.size, &chunk_count, &digest.as_slice()])
-            .await?;
+        let updated = execute_cached(
+            &tx,
+            ACTION,
+            id,
+            MARK_READY,
+            &[&id, &self.size, &chunk_count, &digest.as_slice()],
+        )
+        .await?;
         if updated != 1 {
             return Err(QueueError::NotReceiving { id }.into());
         }
@@ -241,7 +278,7 @@ impl SpoolWriter {
                 tracing::debug!(queue_id = %id, size = self.size, chunk_count, "message ready");
                 Ok(())
             }
-            // The server answered, so the transaction is rolled back.
+            // The server returned an error, so the transaction was rolled back.
             Err(error) if error.as_db_error().is_some() => Err(pg_error(ACTION, id, error).into()),
             Err(error) => Err(CommitFailure::Unknown(QueueError::from_pg(ACTION, error))),
         }
@@ -298,7 +335,10 @@ impl SpoolWriter {
             let client = self.queue.client("delete a partial message").await?;
             // The state filter keeps a message that did become ready.
             client
-                .execute("DELETE FROM messages WHERE id = $1 AND state = 'receiving'", &[&id])
+                .execute(
+                    "DELETE FROM messages WHERE id = $1 AND state = 'receiving'",
+                    &[&id],
+                )
                 .await
                 .map_err(|e| QueueError::from_pg("delete a partial message", e))
         }
@@ -336,8 +376,20 @@ impl From<QueueError> for CommitFailure {
     }
 }
 
-async fn insert_chunk(client: &impl GenericClient, id: QueueId, seq: i32, data: &[u8]) -> Result<(), QueueError> {
-    execute_cached(client, "store a body chunk", id, INSERT_CHUNK, &[&id, &seq, &data]).await?;
+async fn insert_chunk(
+    client: &impl GenericClient,
+    id: QueueId,
+    seq: i32,
+    data: &[u8],
+) -> Result<(), QueueError> {
+    execute_cached(
+        client,
+        "store a body chunk",
+        id,
+        INSERT_CHUNK,
+        &[&id, &seq, &data],
+    )
+    .await?;
     Ok(())
 }
 
@@ -349,8 +401,14 @@ async fn execute_cached(
     sql: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
 ) -> Result<u64, QueueError> {
-    let statement = client.prepare_cached(sql).await.map_err(|e| pg_error(action, id, e))?;
-    client.execute(&statement, params).await.map_err(|e| pg_error(action, id, e))
+    let statement = client
+        .prepare_cached(sql)
+        .await
+        .map_err(|e| pg_error(action, id, e))?;
+    client
+        .execute(&statement, params)
+        .await
+        .map_err(|e| pg_error(action, id, e))
 }
 
 /// Maps a driver error, turning the errors that mean "message row gone or

@@ -19,7 +19,10 @@ const MAX_REPLY_LINES: usize = 100;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("connect to {host} failed: {source}")]
-    Connect { host: String, source: std::io::Error },
+    Connect {
+        host: String,
+        source: std::io::Error,
+    },
     #[error("connect to {host} timed out")]
     ConnectTimeout { host: String },
     #[error("no reply from {host} within {timeout:?}")]
@@ -27,7 +30,10 @@ pub enum ClientError {
     #[error("{host} closed the connection")]
     Closed { host: String },
     #[error("I/O error with {host}: {source}")]
-    Io { host: String, source: std::io::Error },
+    Io {
+        host: String,
+        source: std::io::Error,
+    },
     #[error("malformed reply from {host}: {detail}")]
     Protocol { host: String, detail: String },
 }
@@ -46,7 +52,11 @@ impl ServerReply {
     }
 
     pub fn summary(&self) -> String {
-        format!("{} {}", self.code, self.lines.first().map(String::as_str).unwrap_or(""))
+        format!(
+            "{} {}",
+            self.code,
+            self.lines.first().map(String::as_str).unwrap_or("")
+        )
     }
 }
 
@@ -76,7 +86,8 @@ impl Capabilities {
                 "PIPELINING" => capabilities.pipelining = true,
                 "SIZE" => {
                     capabilities.size = true;
-                    capabilities.max_size = words.next().and_then(|n| n.parse().ok()).filter(|n| *n > 0);
+                    capabilities.max_size =
+                        words.next().and_then(|n| n.parse().ok()).filter(|n| *n > 0);
                 }
                 "8BITMIME" => capabilities.eight_bit_mime = true,
                 "SMTPUTF8" => capabilities.smtputf8 = true,
@@ -109,7 +120,11 @@ impl Client {
                     source,
                 });
             }
-            Err(_) => return Err(ClientError::ConnectTimeout { host: host.to_string() }),
+            Err(_) => {
+                return Err(ClientError::ConnectTimeout {
+                    host: host.to_string(),
+                });
+            }
         };
         let _ = stream.set_nodelay(true);
         Ok(Client {
@@ -132,7 +147,10 @@ impl Client {
 
     /// Writes bytes as they are.
     pub async fn write_all(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        self.stream.write_all(data).await.map_err(|e| self.io_error(e))
+        self.stream
+            .write_all(data)
+            .await
+            .map_err(|e| self.io_error(e))
     }
 
     /// Sends one command line; CRLF is added.
@@ -144,7 +162,11 @@ impl Client {
     }
 
     /// Sends a command and reads its reply.
-    pub async fn command(&mut self, command: &str, timeout: Duration) -> Result<ServerReply, ClientError> {
+    pub async fn command(
+        &mut self,
+        command: &str,
+        timeout: Duration,
+    ) -> Result<ServerReply, ClientError> {
         self.send_command(command).await?;
         self.read_reply(timeout).await
     }
@@ -181,7 +203,12 @@ impl Client {
             let text = if line.len() > 4 { &line[4..] } else { &[][..] };
             lines.push(String::from_utf8_lossy(text).into_owned());
             match separator {
-                None | Some(b' ') => return Ok(ServerReply { code: line_code, lines }),
+                None | Some(b' ') => {
+                    return Ok(ServerReply {
+                        code: line_code,
+                        lines,
+                    });
+                }
                 Some(b'-') if lines.len() < MAX_REPLY_LINES => continue,
                 Some(b'-') => return Err(protocol_error("reply has too many lines")),
                 Some(_) => return Err(protocol_error("invalid separator after the code")),
@@ -207,9 +234,15 @@ impl Client {
                 });
             }
             self.input.reserve(4096);
-            let read = self.stream.read_buf(&mut self.input).await.map_err(|e| self.io_error(e))?;
+            let read = self
+                .stream
+                .read_buf(&mut self.input)
+                .await
+                .map_err(|e| self.io_error(e))?;
             if read == 0 {
-                return Err(ClientError::Closed { host: self.host.clone() });
+                return Err(ClientError::Closed {
+                    host: self.host.clone(),
+                });
             }
         }
     }
@@ -246,14 +279,24 @@ mod tests {
 
     #[tokio::test]
     async fn multiline_replies_are_joined() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let address = listener.local_addr().expect("address").to_string();
         tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.expect("accept");
-            socket.write_all(b"250-first\r\n250-second\r\n250 last\r\n").await.expect("write");
+            socket
+                .write_all(b"250-first\r\n250-second\r\n250 last\r\n")
+                .await
+                .expect("write");
         });
-        let mut client = Client::connect(&address, Duration::from_secs(5)).await.expect("connect");
-        let reply = client.read_reply(Duration::from_secs(5)).await.expect("reply");
+        let mut client = Client::connect(&address, Duration::from_secs(5))
+            .await
+            .expect("connect");
+        let reply = client
+            .read_reply(Duration::from_secs(5))
+            .await
+            .expect("reply");
         assert_eq!(reply.code, 250);
         assert_eq!(reply.lines, vec!["first", "second", "last"]);
     }

@@ -28,7 +28,11 @@ pub enum Stream {
 }
 
 impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
@@ -37,7 +41,11 @@ impl AsyncRead for Stream {
 }
 
 impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
@@ -238,8 +246,12 @@ mod tests {
     use super::*;
 
     async fn connection_with(input: &[u8]) -> Connection {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let client = TcpStream::connect(listener.local_addr().expect("addr")).await.expect("connect");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
         let (server, _) = listener.accept().await.expect("accept");
         drop(client);
         let mut connection = Connection::new(Stream::Plain(server));
@@ -250,7 +262,10 @@ mod tests {
     #[tokio::test]
     async fn lines_are_split_and_checked() {
         let mut connection = connection_with(b"NOOP\r\nBAD\nNO\rOP\r\nA\0B\r\nPART").await;
-        assert_eq!(connection.take_line(512), Some(Line::Command(b"NOOP\r\n".to_vec())));
+        assert_eq!(
+            connection.take_line(512),
+            Some(Line::Command(b"NOOP\r\n".to_vec()))
+        );
         assert_eq!(connection.take_line(512), Some(Line::Malformed));
         assert_eq!(connection.take_line(512), Some(Line::Malformed));
         assert_eq!(connection.take_line(512), Some(Line::Malformed));
@@ -264,7 +279,10 @@ mod tests {
         input.extend_from_slice(b"\r\nNOOP\r\n");
         let mut connection = connection_with(&input).await;
         assert_eq!(connection.take_line(50), Some(Line::TooLong));
-        assert_eq!(connection.take_line(50), Some(Line::Command(b"NOOP\r\n".to_vec())));
+        assert_eq!(
+            connection.take_line(50),
+            Some(Line::Command(b"NOOP\r\n".to_vec()))
+        );
     }
 
     #[tokio::test]
@@ -274,6 +292,9 @@ mod tests {
         assert!(connection.buffered().is_empty());
         connection.input.extend_from_slice(b"yyy\r\nQUIT\r\n");
         assert_eq!(connection.take_line(50), Some(Line::TooLong));
-        assert_eq!(connection.take_line(50), Some(Line::Command(b"QUIT\r\n".to_vec())));
+        assert_eq!(
+            connection.take_line(50),
+            Some(Line::Command(b"QUIT\r\n".to_vec()))
+        );
     }
 }

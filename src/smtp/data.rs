@@ -326,7 +326,9 @@ impl DotStuffer {
             if self.at_line_start && rest[0] == b'.' {
                 out.push(b'.');
             }
-            let line_end = memchr::memchr(b'\n', rest).map(|i| i + 1).unwrap_or(rest.len());
+            let line_end = memchr::memchr(b'\n', rest)
+                .map(|i| i + 1)
+                .unwrap_or(rest.len());
             out.extend_from_slice(&rest[..line_end]);
             self.at_line_start = rest[line_end - 1] == b'\n';
             rest = &rest[line_end..];
@@ -366,7 +368,7 @@ mod tests {
         let (out, decoded, error) = decode_all(b"Subject: x\r\n\r\nbody\r\n.\r\nQUIT\r\n");
         assert_eq!(out, b"Subject: x\r\n\r\nbody\r\n");
         assert!(decoded.finished);
-        assert_eq!(decoded.consumed, 22);
+        assert_eq!(decoded.consumed, 23);
         assert_eq!(error, None);
     }
 
@@ -386,13 +388,23 @@ mod tests {
 
     #[test]
     fn smuggling_terminators_do_not_end_data() {
-        for variant in [&b"\n.\n"[..], b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r"] {
+        for variant in [
+            &b"\n.\n"[..],
+            b"\n.\r\n",
+            b"\r\n.\n",
+            b"\r.\r\n",
+            b"\r\n.\r",
+        ] {
             let mut input = b"first\r\n".to_vec();
             input.extend_from_slice(variant);
             input.extend_from_slice(b"MAIL FROM:<x@y>\r\n");
             let (_, decoded, error) = decode_all(&input);
             assert!(!decoded.finished, "variant {variant:?} ended the data");
-            assert_eq!(error, Some(ContentError::BareLineEnding), "variant {variant:?}");
+            assert_eq!(
+                error,
+                Some(ContentError::BareLineEnding),
+                "variant {variant:?}"
+            );
         }
     }
 
@@ -438,7 +450,11 @@ mod tests {
                 inspector.inspect(chunk);
             }
             inspector.finish();
-            assert_eq!(inspector.error(), Some(ContentError::BareLineEnding), "{chunks:?}");
+            assert_eq!(
+                inspector.error(),
+                Some(ContentError::BareLineEnding),
+                "{chunks:?}"
+            );
         }
     }
 

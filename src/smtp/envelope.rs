@@ -2,8 +2,8 @@
 //! transaction handler: sender, MAIL parameters and accepted recipients.
 
 use smtp_proto::{
-    MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8, RCPT_NOTIFY_DELAY,
-    RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS,
+    MAIL_BODY_8BITMIME, MAIL_BODY_BINARYMIME, MAIL_RET_FULL, MAIL_RET_HDRS, MAIL_SMTPUTF8,
+    RCPT_NOTIFY_DELAY, RCPT_NOTIFY_FAILURE, RCPT_NOTIFY_NEVER, RCPT_NOTIFY_SUCCESS,
 };
 
 use crate::policy::address::Address;
@@ -53,7 +53,11 @@ pub struct MailParameters {
 
 impl MailParameters {
     /// Converts parsed MAIL flags; BINARYMIME is not offered, so it is an error.
-    pub fn from_flags(flags: u64, size: usize, envid: Option<String>) -> Result<MailParameters, &'static str> {
+    pub fn from_flags(
+        flags: u64,
+        size: usize,
+        envid: Option<String>,
+    ) -> Result<MailParameters, &'static str> {
         if flags & MAIL_BODY_BINARYMIME != 0 {
             return Err("BODY=BINARYMIME");
         }
@@ -87,7 +91,8 @@ pub struct Notify(u64);
 
 impl Notify {
     pub fn from_flags(flags: u64) -> Option<Notify> {
-        let bits = flags & (RCPT_NOTIFY_NEVER | RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY);
+        let bits = flags
+            & (RCPT_NOTIFY_NEVER | RCPT_NOTIFY_SUCCESS | RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY);
         (bits != 0).then_some(Notify(bits))
     }
 
@@ -114,6 +119,9 @@ impl Notify {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Recipient {
     pub address: Address,
+    /// True for `<Postmaster>` written without a domain (RFC 5321 §4.5.1);
+    /// `address` is then postmaster at the server's host name.
+    pub bare_postmaster: bool,
     /// ORCPT address (type rfc822), decoded from xtext.
     pub orcpt: Option<String>,
     pub notify: Option<Notify>,
@@ -133,7 +141,10 @@ pub struct Envelope {
 impl Envelope {
     /// The sender as written in logs and in the queue: empty for `<>`.
     pub fn sender_text(&self) -> String {
-        self.sender.as_ref().map(Address::to_smtp).unwrap_or_default()
+        self.sender
+            .as_ref()
+            .map(Address::to_smtp)
+            .unwrap_or_default()
     }
 
     pub fn queue_id(&self) -> String {
@@ -166,8 +177,14 @@ mod tests {
 
     #[test]
     fn notify_values() {
-        assert_eq!(Notify::from_flags(RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY).map(Notify::value), Some("FAILURE,DELAY".into()));
-        assert_eq!(Notify::from_flags(RCPT_NOTIFY_NEVER).map(Notify::value), Some("NEVER".into()));
+        assert_eq!(
+            Notify::from_flags(RCPT_NOTIFY_FAILURE | RCPT_NOTIFY_DELAY).map(Notify::value),
+            Some("FAILURE,DELAY".into())
+        );
+        assert_eq!(
+            Notify::from_flags(RCPT_NOTIFY_NEVER).map(Notify::value),
+            Some("NEVER".into())
+        );
         assert_eq!(Notify::from_flags(0), None);
     }
 }

@@ -81,7 +81,11 @@ impl ContentLimits {
 }
 
 /// Builds our Received header (RFC 5321 §4.4), with the queue id.
-pub fn received_header(config: &SessionConfig, client: &ClientInfo, envelope: &Envelope) -> Vec<u8> {
+pub fn received_header(
+    config: &SessionConfig,
+    client: &ClientInfo,
+    envelope: &Envelope,
+) -> Vec<u8> {
     let protocol = match (client.extended, client.tls) {
         (false, _) => "SMTP",
         (true, false) => "ESMTP",
@@ -99,7 +103,11 @@ pub fn received_header(config: &SessionConfig, client: &ClientInfo, envelope: &E
     let date = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc2822)
         .unwrap_or_default();
-    let helo = if client.helo.is_empty() { "unknown" } else { client.helo.as_str() };
+    let helo = if client.helo.is_empty() {
+        "unknown"
+    } else {
+        client.helo.as_str()
+    };
     format!(
         "Received: from {helo} ([{ip}])\r\n\tby {host} (wsmtp) with {protocol} id {id}{for_clause};\r\n\t{date}\r\n",
         ip = client.peer.ip(),
@@ -129,18 +137,19 @@ pub async fn receive_data<H: Handler>(
     }
 
     loop {
-        if connection.buffered().is_empty() {
-            if let Err(error) = connection.fill(config.timeouts.data).await {
-                handler.abort_message().await;
-                return MessageOutcome::ClientGone(describe(error));
-            }
+        if connection.buffered().is_empty()
+            && let Err(error) = connection.fill(config.timeouts.data).await
+        {
+            handler.abort_message().await;
+            return MessageOutcome::ClientGone(describe(error));
         }
         let result = decoder.decode(connection.buffered(), &mut decoded);
         connection.consume(result.consumed);
-        if limits.check(&decoded, decoder.error()) && !decoded.is_empty() {
-            if let Err(reply) = handler.message_data(&decoded).await {
-                limits.refusal = Some(reply);
-            }
+        if limits.check(&decoded, decoder.error())
+            && !decoded.is_empty()
+            && let Err(reply) = handler.message_data(&decoded).await
+        {
+            limits.refusal = Some(reply);
         }
         decoded.clear();
         if result.finished {
@@ -195,19 +204,19 @@ pub async fn receive_chunk<H: Handler>(
 
     let mut remaining = size;
     while remaining > 0 {
-        if connection.buffered().is_empty() {
-            if let Err(error) = connection.fill(config.timeouts.data).await {
-                handler.abort_message().await;
-                return MessageOutcome::ClientGone(describe(error));
-            }
+        if connection.buffered().is_empty()
+            && let Err(error) = connection.fill(config.timeouts.data).await
+        {
+            handler.abort_message().await;
+            return MessageOutcome::ClientGone(describe(error));
         }
         let take = remaining.min(connection.buffered().len());
         let piece = &connection.buffered()[..take];
         state.inspector.inspect(piece);
-        if state.limits.check(piece, state.inspector.error()) {
-            if let Err(reply) = handler.message_data(piece).await {
-                state.limits.refusal = Some(reply);
-            }
+        if state.limits.check(piece, state.inspector.error())
+            && let Err(reply) = handler.message_data(piece).await
+        {
+            state.limits.refusal = Some(reply);
         }
         connection.consume(take);
         remaining -= take;
@@ -228,7 +237,11 @@ pub async fn receive_chunk<H: Handler>(
 }
 
 /// Reads and drops `size` octets of a refused BDAT chunk.
-pub async fn discard(connection: &mut Connection, size: usize, timeout: Duration) -> Result<(), String> {
+pub async fn discard(
+    connection: &mut Connection,
+    size: usize,
+    timeout: Duration,
+) -> Result<(), String> {
     let mut remaining = size;
     while remaining > 0 {
         if connection.buffered().is_empty() {

@@ -126,7 +126,11 @@ impl Reply {
     }
 
     pub fn closing(hostname: &str) -> Reply {
-        Reply::new(221, Enhanced(2, 0, 0), format!("{hostname} closing connection"))
+        Reply::new(
+            221,
+            Enhanced(2, 0, 0),
+            format!("{hostname} closing connection"),
+        )
     }
 
     pub fn ok() -> Reply {
@@ -216,19 +220,35 @@ impl Reply {
     }
 
     pub fn invalid_parameter(detail: &str) -> Reply {
-        Reply::new(501, Enhanced(5, 5, 4), format!("Invalid parameter: {detail}"))
+        Reply::new(
+            501,
+            Enhanced(5, 5, 4),
+            format!("Invalid parameter: {detail}"),
+        )
     }
 
     pub fn unsupported_parameter(name: &str) -> Reply {
-        Reply::new(555, Enhanced(5, 5, 4), format!("Unsupported parameter {name}"))
+        Reply::new(
+            555,
+            Enhanced(5, 5, 4),
+            format!("Unsupported parameter {name}"),
+        )
     }
 
     pub fn invalid_sender(detail: &str) -> Reply {
-        Reply::new(501, Enhanced(5, 1, 7), format!("Invalid sender address: {detail}"))
+        Reply::new(
+            501,
+            Enhanced(5, 1, 7),
+            format!("Invalid sender address: {detail}"),
+        )
     }
 
     pub fn invalid_recipient(detail: &str) -> Reply {
-        Reply::new(501, Enhanced(5, 1, 3), format!("Invalid recipient address: {detail}"))
+        Reply::new(
+            501,
+            Enhanced(5, 1, 3),
+            format!("Invalid recipient address: {detail}"),
+        )
     }
 
     pub fn not_implemented(command: &str) -> Reply {
@@ -236,7 +256,11 @@ impl Reply {
     }
 
     pub fn bad_sequence(detail: &str) -> Reply {
-        Reply::new(503, Enhanced(5, 5, 1), format!("Bad sequence of commands: {detail}"))
+        Reply::new(
+            503,
+            Enhanced(5, 5, 1),
+            format!("Bad sequence of commands: {detail}"),
+        )
     }
 
     pub fn tls_already_active() -> Reply {
@@ -274,7 +298,11 @@ impl Reply {
     }
 
     pub fn too_many_connections() -> Reply {
-        Reply::new(421, Enhanced(4, 7, 0), "Too many connections, try again later")
+        Reply::new(
+            421,
+            Enhanced(4, 7, 0),
+            "Too many connections, try again later",
+        )
     }
 
     pub fn too_many_connections_from_ip() -> Reply {
@@ -286,7 +314,11 @@ impl Reply {
     }
 
     pub fn too_many_errors() -> Reply {
-        Reply::new(421, Enhanced(4, 7, 0), "Too many errors, closing connection")
+        Reply::new(
+            421,
+            Enhanced(4, 7, 0),
+            "Too many errors, closing connection",
+        )
     }
 
     pub fn timeout(hostname: &str) -> Reply {
@@ -318,7 +350,11 @@ impl Reply {
     }
 
     pub fn nul_in_data() -> Reply {
-        Reply::new(550, Enhanced(5, 6, 0), "Message rejected: NUL byte in message")
+        Reply::new(
+            550,
+            Enhanced(5, 6, 0),
+            "Message rejected: NUL byte in message",
+        )
     }
 
     pub fn data_line_too_long(max: usize) -> Reply {
@@ -476,7 +512,13 @@ fn split_enhanced(line: &str) -> (Option<Enhanced>, &str) {
 
 fn sanitize_text(text: &str) -> String {
     text.chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .map(|c| {
+            if c.is_ascii_graphic() || c == ' ' {
+                c
+            } else {
+                '?'
+            }
+        })
         .take(500)
         .collect()
 }
@@ -496,7 +538,10 @@ mod tests {
 
     #[test]
     fn single_line_with_enhanced_code() {
-        assert_eq!(Reply::relay_denied().to_wire(), "550 5.7.1 Relay access denied\r\n");
+        assert_eq!(
+            Reply::relay_denied().to_wire(),
+            "550 5.7.1 Relay access denied\r\n"
+        );
     }
 
     #[test]

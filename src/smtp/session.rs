@@ -52,13 +52,26 @@ pub struct ClientInfo {
 /// [`Reply::from_downstream`] before they are returned.
 pub trait Handler: Send {
     /// Decides one recipient. A positive reply adds it to the envelope.
-    fn recipient(&mut self, client: &ClientInfo, envelope: &Envelope, recipient: &Recipient) -> impl Future<Output = Reply> + Send;
+    fn recipient(
+        &mut self,
+        client: &ClientInfo,
+        envelope: &Envelope,
+        recipient: &Recipient,
+    ) -> impl Future<Output = Reply> + Send;
     /// Prepares to receive message content for the accepted recipients.
-    fn start_message(&mut self, client: &ClientInfo, envelope: &Envelope) -> impl Future<Output = Result<(), Reply>> + Send;
+    fn start_message(
+        &mut self,
+        client: &ClientInfo,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Result<(), Reply>> + Send;
     /// Takes decoded content (no transparency dots), in order.
     fn message_data(&mut self, data: &[u8]) -> impl Future<Output = Result<(), Reply>> + Send;
     /// The content is complete; returns the final reply.
-    fn finish_message(&mut self, client: &ClientInfo, envelope: &Envelope) -> impl Future<Output = Reply> + Send;
+    fn finish_message(
+        &mut self,
+        client: &ClientInfo,
+        envelope: &Envelope,
+    ) -> impl Future<Output = Reply> + Send;
     /// The content was rejected or the client vanished: nothing may be delivered.
     fn abort_message(&mut self) -> impl Future<Output = ()> + Send;
     /// The transaction ended (RSET, a new EHLO, QUIT, or after the final reply).
@@ -71,7 +84,7 @@ enum Phase {
     Connected,
     /// Greeted, no transaction.
     Ready,
-    Transaction(Transaction),
+    Transaction(Box<Transaction>),
 }
 
 #[derive(Debug)]
@@ -163,7 +176,10 @@ impl<H: Handler> Session<H> {
     /// Reads and handles commands until the session ends; returns why it ended.
     async fn command_loop(&mut self) -> String {
         loop {
-            let Some(line) = self.connection.take_line(self.config.limits.max_command_line) else {
+            let Some(line) = self
+                .connection
+                .take_line(self.config.limits.max_command_line)
+            else {
                 if let Err(reason) = self.wait_for_input().await {
                     return reason;
                 }
@@ -171,7 +187,12 @@ impl<H: Handler> Session<H> {
             };
             let flow = match line {
                 Line::Command(bytes) => self.handle_line(&bytes).await,
-                Line::TooLong => self.reply(Reply::command_line_too_long(self.config.limits.max_command_line)).await,
+                Line::TooLong => {
+                    self.reply(Reply::command_line_too_long(
+                        self.config.limits.max_command_line,
+                    ))
+                    .await
+                }
                 Line::Malformed => self.reply(Reply::bad_command_line_ending()).await,
             };
             if flow == Flow::Close {
@@ -224,7 +245,9 @@ impl<H: Handler> Session<H> {
             self.connection.queue_reply(&Reply::too_many_errors());
             flow = Flow::Close;
         }
-        if (flow == Flow::Close || !self.connection.has_buffered_input()) && self.connection.flush().await.is_err() {
+        if (flow == Flow::Close || !self.connection.has_buffered_input())
+            && self.connection.flush().await.is_err()
+        {
             return Flow::Close;
         }
         flow
@@ -255,11 +278,16 @@ impl<H: Handler> Session<H> {
             Request::Rcpt { to } => {
                 let postmaster = to.address.is_empty() && is_bare_postmaster(line);
                 let orcpt = to.orcpt.as_ref().map(|o| o.to_string());
-                let reply = self.handle_rcpt(&to.address, postmaster, orcpt, to.flags).await;
+                let reply = self
+                    .handle_rcpt(&to.address, postmaster, orcpt, to.flags)
+                    .await;
                 self.reply(reply).await
             }
             Request::Data => self.handle_data().await,
-            Request::Bdat { chunk_size, is_last } => self.handle_bdat(chunk_size, is_last).await,
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.handle_bdat(chunk_size, is_last).await,
             Request::Rset => {
                 self.end_transaction().await;
                 self.reply(Reply::reset()).await
@@ -341,15 +369,21 @@ impl<H: Handler> Session<H> {
             recipients: Vec::new(),
         };
         tracing::debug!(queue_id = %envelope.queue_id(), sender = %envelope.sender_text(), "transaction started");
-        self.phase = Phase::Transaction(Transaction {
+        self.phase = Phase::Transaction(Box::new(Transaction {
             envelope,
             started: Instant::now(),
             chunking: Chunking::NotStarted,
-        });
+        }));
         Reply::sender_ok()
     }
 
-    async fn handle_rcpt(&mut self, address: &str, postmaster: bool, orcpt: Option<String>, flags: u64) -> Reply {
+    async fn handle_rcpt(
+        &mut self,
+        address: &str,
+        postmaster: bool,
+        orcpt: Option<String>,
+        flags: u64,
+    ) -> Reply {
         let max_recipients = self.config.limits.max_recipients;
         let Phase::Transaction(transaction) = &mut self.phase else {
             return Reply::bad_sequence("send MAIL first");
@@ -377,10 +411,14 @@ impl<H: Handler> Session<H> {
         }
         let recipient = Recipient {
             address,
+            bare_postmaster: postmaster,
             orcpt,
             notify: Notify::from_flags(flags),
         };
-        let reply = self.handler.recipient(&self.client, &transaction.envelope, &recipient).await;
+        let reply = self
+            .handler
+            .recipient(&self.client, &transaction.envelope, &recipient)
+            .await;
         if reply.is_positive() {
             transaction.envelope.recipients.push(recipient);
         }
@@ -389,7 +427,9 @@ impl<H: Handler> Session<H> {
 
     async fn handle_data(&mut self) -> Flow {
         let reply = match &self.phase {
-            Phase::Transaction(transaction) if !matches!(transaction.chunking, Chunking::NotStarted) => {
+            Phase::Transaction(transaction)
+                if !matches!(transaction.chunking, Chunking::NotStarted) =>
+            {
                 Some(Reply::bad_sequence("DATA after BDAT"))
             }
             Phase::Transaction(transaction) if transaction.envelope.recipients.is_empty() => {
@@ -405,7 +445,11 @@ impl<H: Handler> Session<H> {
         let Phase::Transaction(transaction) = &self.phase else {
             return Flow::Continue;
         };
-        if let Err(reply) = self.handler.start_message(&self.client, &transaction.envelope).await {
+        if let Err(reply) = self
+            .handler
+            .start_message(&self.client, &transaction.envelope)
+            .await
+        {
             return self.reply(reply).await;
         }
         self.connection.queue_reply(&Reply::start_data());
@@ -427,7 +471,9 @@ impl<H: Handler> Session<H> {
         let refusal = match &self.phase {
             Phase::Transaction(transaction) => match transaction.chunking {
                 Chunking::Failed => Some(Reply::transaction_failed_earlier()),
-                _ if transaction.envelope.recipients.is_empty() => Some(Reply::no_valid_recipients()),
+                _ if transaction.envelope.recipients.is_empty() => {
+                    Some(Reply::no_valid_recipients())
+                }
                 _ => None,
             },
             _ => Some(Reply::bad_sequence("send MAIL and RCPT first")),
@@ -435,7 +481,9 @@ impl<H: Handler> Session<H> {
         if let Some(reply) = refusal {
             // RFC 3030 §2: a refused chunk is still read, so the session
             // stays in step with the client.
-            if let Err(end) = message::discard(&mut self.connection, size, self.config.timeouts.data).await {
+            if let Err(end) =
+                message::discard(&mut self.connection, size, self.config.timeouts.data).await
+            {
                 tracing::info!(client = %self.client.peer.ip(), end = %end, "client left during a refused BDAT chunk");
                 return Flow::Close;
             }
@@ -445,9 +493,15 @@ impl<H: Handler> Session<H> {
             return Flow::Continue;
         };
         if matches!(transaction.chunking, Chunking::NotStarted) {
-            if let Err(reply) = self.handler.start_message(&self.client, &transaction.envelope).await {
+            if let Err(reply) = self
+                .handler
+                .start_message(&self.client, &transaction.envelope)
+                .await
+            {
                 transaction.chunking = Chunking::Failed;
-                if let Err(end) = message::discard(&mut self.connection, size, self.config.timeouts.data).await {
+                if let Err(end) =
+                    message::discard(&mut self.connection, size, self.config.timeouts.data).await
+                {
                     tracing::info!(client = %self.client.peer.ip(), end = %end, "client left during BDAT");
                     return Flow::Close;
                 }
@@ -459,7 +513,15 @@ impl<H: Handler> Session<H> {
         let Chunking::Receiving(state) = &mut transaction.chunking else {
             return Flow::Continue;
         };
-        let outcome = message::receive_chunk(&mut self.connection, &mut self.handler, &self.config, state, size, last).await;
+        let outcome = message::receive_chunk(
+            &mut self.connection,
+            &mut self.handler,
+            &self.config,
+            state,
+            size,
+            last,
+        )
+        .await;
         match outcome {
             MessageOutcome::ChunkAccepted => self.reply(Reply::chunk_received(size)).await,
             MessageOutcome::Rejected(reply) if !last => {
@@ -468,7 +530,10 @@ impl<H: Handler> Session<H> {
                 self.reply(reply).await
             }
             MessageOutcome::Complete => {
-                let reply = self.handler.finish_message(&self.client, &transaction.envelope).await;
+                let reply = self
+                    .handler
+                    .finish_message(&self.client, &transaction.envelope)
+                    .await;
                 self.finish_transaction(MessageOutcome::Final(reply)).await
             }
             other => self.finish_transaction(other).await,
@@ -477,18 +542,25 @@ impl<H: Handler> Session<H> {
 
     /// Sends the final reply of a message and ends the transaction.
     async fn finish_transaction(&mut self, outcome: MessageOutcome) -> Flow {
-        let Phase::Transaction(transaction) = std::mem::replace(&mut self.phase, Phase::Ready) else {
+        let Phase::Transaction(transaction) = std::mem::replace(&mut self.phase, Phase::Ready)
+        else {
             return Flow::Continue;
         };
         let envelope = &transaction.envelope;
         let (reply, gone) = match outcome {
             MessageOutcome::Final(reply) | MessageOutcome::Rejected(reply) => (reply, None),
-            MessageOutcome::Complete | MessageOutcome::ChunkAccepted => (Reply::internal_error(), None),
+            MessageOutcome::Complete | MessageOutcome::ChunkAccepted => {
+                (Reply::internal_error(), None)
+            }
             MessageOutcome::ClientGone(reason) => (Reply::internal_error(), Some(reason)),
         };
         self.handler.reset().await;
         self.transactions += 1;
-        let recipients: Vec<String> = envelope.recipients.iter().map(|r| r.address.to_smtp()).collect();
+        let recipients: Vec<String> = envelope
+            .recipients
+            .iter()
+            .map(|r| r.address.to_smtp())
+            .collect();
         tracing::info!(
             queue_id = %envelope.queue_id(),
             client = %self.client.peer.ip(),
@@ -555,7 +627,8 @@ impl<H: Handler> Session<H> {
         let Some(plain) = self.connection.take_plain_stream() else {
             return Flow::Close;
         };
-        let handshake = tokio::time::timeout(self.config.timeouts.tls_handshake, acceptor.accept(plain)).await;
+        let handshake =
+            tokio::time::timeout(self.config.timeouts.tls_handshake, acceptor.accept(plain)).await;
         match handshake {
             Ok(Ok(tls)) => {
                 self.connection.set_stream(Stream::Tls(Box::new(tls)));
@@ -593,9 +666,16 @@ fn parse_error_reply(error: &ParseError) -> Reply {
 }
 
 /// Names a MAIL parameter that smtp-proto parsed but wsmtp does not offer.
-fn unsupported_mail_parameter(from: &smtp_proto::MailFrom<std::borrow::Cow<'_, str>>) -> Option<&'static str> {
+fn unsupported_mail_parameter(
+    from: &smtp_proto::MailFrom<std::borrow::Cow<'_, str>>,
+) -> Option<&'static str> {
     use smtp_proto::*;
-    let offered = MAIL_BODY_7BIT | MAIL_BODY_8BITMIME | MAIL_BODY_BINARYMIME | MAIL_RET_FULL | MAIL_RET_HDRS | MAIL_SMTPUTF8;
+    let offered = MAIL_BODY_7BIT
+        | MAIL_BODY_8BITMIME
+        | MAIL_BODY_BINARYMIME
+        | MAIL_RET_FULL
+        | MAIL_RET_HDRS
+        | MAIL_SMTPUTF8;
     if from.flags & !offered != 0 {
         return Some("(extension not offered)");
     }

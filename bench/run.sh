@@ -1,0 +1,789 @@
+#!/usr/bin/env bash
+#
+# Benchmarks wsmtp against Postfix on this machine, side by side in one run:
+#
+#   (a) pass-through rate: 4 KiB messages relayed to smtp-sink, with 1 and
+#       with 10 recipients per message, 50 parallel sessions. wsmtp answers
+#       250 only after the sink has, so its rate is smtp-source's elapsed
+#       time. Postfix's rate is end to end: from the start of smtp-source
+#       until its log shows every recipient as status=sent.
+#   (b) spool rate: the same load for a local domain. wsmtp stores it in a
+#       fresh PostgreSQL database (synchronous commit). Postfix puts it in
+#       its hold queue, so it accepts and fsyncs the mail and does nothing
+#       else, the same work wsmtp does.
+#   (c) peak RSS (VmHWM) of a fresh wsmtp process passing one 4 KiB and one
+#       100 MiB message through, plus the 100 MiB message's transfer time
+#       through wsmtp and through Postfix.
+#
+# Every figure is the median of RUNS runs. The results go to stdout and
+# replace the text between the result markers in docs/benchmarks.md.
+#
+# Usage: bench/run.sh, as root. Settings come from the environment:
+#   MESSAGES=20000   messages per rate run
+#   RUNS=3           runs per figure (the median is reported)
+#   SESSIONS=50      parallel smtp-source sessions
+#   WSMTP_PORT=24525 SINK_PORT=24526 POSTFIX_PORT=24527  (all on 127.0.0.1)
+#   PG_URL=postgres://postgres@127.0.0.1:5432   PostgreSQL, without database
+#   BENCH_DB=wsmtp_bench   dropped and recreated for every spool run
+#   WSMTP_BIN=target/release/wsmtp   (build it first: cargo build --release)
+#   DOC=docs/benchmarks.md   where results are written; DOC= skips it
+#   STEP_TIMEOUT=900  seconds allowed for each load step
+#   KEEP_WORK=0       1 keeps the work directory (logs, configs) at exit
+#
+# Requirements: bash 5, psql, PostgreSQL 13 or newer, and Postfix 3.4 or
+# newer with smtp-source and smtp-sink. On Debian and Ubuntu the script
+# installs Postfix with apt-get when it is missing, without letting it
+# configure or keep running a system instance.
+#
+# Safety: Postfix runs as a separate instance with its own configuration,
+# queue and log (postfix -c DIR), generated from bench/postfix/. The system
+# instance in /etc/postfix is not changed. Before starting the instance the
+# script checks that its only inet service is on 127.0.0.1, that it relays
+# only to the sink on 127.0.0.1 and that DNS lookups are disabled. Every
+# process the script starts is stopped at exit.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_DIR=$ROOT/bench
+
+MESSAGES=${MESSAGES:-20000}
+RUNS=${RUNS:-3}
+SESSIONS=${SESSIONS:-50}
+MESSAGE_SIZE=4096
+BIG_MESSAGE_SIZE=104857600
+WSMTP_PORT=${WSMTP_PORT:-24525}
+SINK_PORT=${SINK_PORT:-24526}
+POSTFIX_PORT=${POSTFIX_PORT:-24527}
+PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}
+BENCH_DB=${BENCH_DB:-wsmtp_bench}
+WSMTP_BIN=${WSMTP_BIN:-$ROOT/target/release/wsmtp}
+DOC=${DOC-$ROOT/docs/benchmarks.md}
+STEP_TIMEOUT=${STEP_TIMEOUT:-900}
+KEEP_WORK=${KEEP_WORK:-0}
+
+# The 100 MiB memory test must stay within this much of the 4 KiB one.
+RSS_TARGET_KIB=32768
+SENDER=bench@example.org
+RELAY_DOMAIN=example.net
+LOCAL_DOMAIN=example.com
+
+POSTFIX_INSTANCE=postfix-wsmtp-bench
+POSTFIX_QUEUE=/var/spool/$POSTFIX_INSTANCE
+POSTFIX_DATA=/var/lib/$POSTFIX_INSTANCE
+# Postfix accepts a maillog_file only below maillog_file_prefixes, which
+# default to /var and /dev/stdout.
+MAILLOG=/var/log/$POSTFIX_INSTANCE.log
+
+WORK=""
+WSMTP_PID=""
+SINK_PID=""
+TAIL_PID=""
+GREP_PID=""
+POSTFIX_STARTED=0
+
+log() {
+    printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2
+}
+
+die() {
+    log "error: $*"
+    exit 1
+}
+
+# ---------------------------------------------------------------- cleanup
+
+# Sends SIGTERM to one process, waits up to 40 s (wsmtp's shutdown grace is
+# 30 s), then sends SIGKILL.
+stop_pid() {
+    local pid=$1
+    kill -0 "$pid" 2>/dev/null || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    local i
+    for ((i = 0; i < 400; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "process $pid ignored SIGTERM; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+postfix_master_pid() {
+    local file=$POSTFIX_QUEUE/pid/master.pid
+    [[ -r $file ]] || return 1
+    local pid
+    pid=$(tr -d ' \n' <"$file")
+    [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 1
+    echo "$pid"
+}
+
+stop_postfix() {
+    [[ $POSTFIX_STARTED == 1 ]] || return 0
+    local master
+    master=$(postfix_master_pid) || master=""
+    postfix -c "$WORK/postfix" stop >&2 || true
+    if [[ -n $master ]]; then
+        local i
+        for ((i = 0; i < 200; i++)); do
+            kill -0 "$master" 2>/dev/null || break
+            sleep 0.1
+        done
+    fi
+    POSTFIX_STARTED=0
+}
+
+drop_bench_db() {
+    psql "$PG_URL/postgres" -qX -v ON_ERROR_STOP=1 \
+        -c "DROP DATABASE IF EXISTS \"$BENCH_DB\" WITH (FORCE)" >/dev/null
+}
+
+cleanup() {
+    local status=$?
+    set +e
+    [[ -n $TAIL_PID ]] && stop_pid "$TAIL_PID"
+    [[ -n $GREP_PID ]] && stop_pid "$GREP_PID"
+    [[ -n $WSMTP_PID ]] && stop_pid "$WSMTP_PID"
+    stop_postfix
+    [[ -n $SINK_PID ]] && stop_pid "$SINK_PID"
+    if [[ -n $WORK ]]; then
+        drop_bench_db 2>/dev/null
+        rm -rf "$POSTFIX_QUEUE" "$POSTFIX_DATA"
+        [[ -f $MAILLOG ]] && mv "$MAILLOG" "$WORK/postfix-maillog"
+        if [[ $KEEP_WORK == 1 || $status != 0 ]]; then
+            log "logs and configurations kept in $WORK"
+        else
+            rm -rf "$WORK"
+        fi
+    fi
+    exit "$status"
+}
+
+# ---------------------------------------------------------------- setup
+
+require_tools() {
+    [[ $EUID == 0 ]] || die "run as root: Postfix needs it to start an instance"
+    ((BASH_VERSINFO[0] >= 5)) || die "bash 5 or newer is required (for EPOCHREALTIME)"
+    command -v psql >/dev/null || die "psql not found; install the PostgreSQL client"
+    [[ -x $WSMTP_BIN ]] || die "$WSMTP_BIN not found; run cargo build --release in $ROOT"
+
+    if ! command -v postfix >/dev/null || ! command -v smtp-source >/dev/null; then
+        command -v apt-get >/dev/null || die "Postfix (with smtp-source and smtp-sink) is missing; install it"
+        log "installing Postfix with apt-get"
+        # "No configuration" leaves /etc/postfix/main.cf out, so the package
+        # does not set up a system instance that listens on port 25.
+        echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+        DEBIAN_FRONTEND=noninteractive apt-get install -y postfix >&2
+        # Stop a system instance in case the package started one anyway.
+        postfix status >/dev/null 2>&1 && postfix stop >&2
+        if command -v systemctl >/dev/null; then
+            systemctl stop postfix >/dev/null 2>&1 || true
+        fi
+    fi
+    local tool
+    for tool in postfix postconf postsuper smtp-source smtp-sink timeout tail grep awk stat; do
+        command -v "$tool" >/dev/null || die "$tool not found"
+    done
+}
+
+# Returns success when something accepts TCP connections on 127.0.0.1:$1.
+port_open() {
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+wait_for_port() {
+    local port=$1 pid=$2 i
+    for ((i = 0; i < 300; i++)); do
+        port_open "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# Fills in @NAME@ placeholders of template $1 and writes the result to $2.
+render() {
+    sed -e "s|@WSMTP_PORT@|$WSMTP_PORT|g" \
+        -e "s|@SINK_PORT@|$SINK_PORT|g" \
+        -e "s|@POSTFIX_PORT@|$POSTFIX_PORT|g" \
+        -e "s|@DATABASE_URL@|$PG_URL/$BENCH_DB|g" \
+        -e "s|@QUEUE_DIR@|$POSTFIX_QUEUE|g" \
+        -e "s|@DATA_DIR@|$POSTFIX_DATA|g" \
+        -e "s|@MAILLOG@|$MAILLOG|g" \
+        "$1" >"$2"
+}
+
+start_sink() {
+    local -a command=(smtp-sink -u postfix -4 -m 1024 "127.0.0.1:$SINK_PORT" 1024)
+    note_command "${command[*]}"
+    "${command[@]}" >"$WORK/smtp-sink.log" 2>&1 &
+    SINK_PID=$!
+    wait_for_port "$SINK_PORT" "$SINK_PID" || die "smtp-sink did not start; see $WORK/smtp-sink.log"
+}
+
+# Exits unless Postfix parameter $1 of the bench instance has the value $2.
+expect_setting() {
+    local actual
+    actual=$(postconf -c "$WORK/postfix" -h "$1")
+    [[ $actual == "$2" ]] || die "unsafe Postfix setting $1 = '$actual' (expected '$2')"
+}
+
+# Refuses to start the Postfix instance unless its configuration is the safe
+# loopback-only one: one inet service on 127.0.0.1, no DNS, relaying only to
+# the sink, no local delivery.
+check_postfix_config() {
+    local conf=$WORK/postfix
+    postconf -c "$conf" -n >"$WORK/postconf-n.txt"
+    postconf -c "$conf" -M >"$WORK/postconf-M.txt"
+
+    expect_setting inet_interfaces loopback-only
+    expect_setting inet_protocols ipv4
+    expect_setting mynetworks 127.0.0.0/8
+    expect_setting relayhost "[127.0.0.1]:$SINK_PORT"
+    expect_setting default_transport smtp
+    expect_setting relay_transport smtp
+    expect_setting smtp_dns_support_level disabled
+    expect_setting smtp_host_lookup native
+    expect_setting smtp_bind_address 127.0.0.1
+    expect_setting mydestination ""
+    expect_setting local_transport "error:local delivery disabled"
+    expect_setting smtpd_relay_restrictions "permit_mynetworks, reject"
+
+    local inet_services
+    inet_services=$(awk '$2 == "inet" { print $1 }' "$WORK/postconf-M.txt")
+    [[ $inet_services == "127.0.0.1:$POSTFIX_PORT" ]] ||
+        die "Postfix must have exactly one inet service, on 127.0.0.1:$POSTFIX_PORT; found: $inet_services"
+    log "Postfix configuration checked: one inet service on 127.0.0.1:$POSTFIX_PORT, relayhost [127.0.0.1]:$SINK_PORT, no DNS"
+}
+
+start_postfix() {
+    local conf=$WORK/postfix
+    mkdir -p "$conf"
+    render "$BENCH_DIR/postfix/main.cf.in" "$conf/main.cf"
+    render "$BENCH_DIR/postfix/master.cf.in" "$conf/master.cf"
+    check_postfix_config
+
+    if postfix_master_pid >/dev/null; then
+        die "a Postfix instance already uses $POSTFIX_QUEUE; stop it with postfix -c <its config directory> stop"
+    fi
+    rm -rf "$POSTFIX_QUEUE" "$POSTFIX_DATA"
+    install -d -m 755 -o root "$POSTFIX_QUEUE"
+    install -d -m 700 -o postfix "$POSTFIX_DATA"
+    : >"$MAILLOG"
+
+    postfix -c "$conf" check >&2 || die "postfix check failed; see $WORK/postfix-maillog"
+    note_command "postfix -c $conf start"
+    POSTFIX_STARTED=1
+    postfix -c "$conf" start >&2 || die "postfix start failed; see $WORK/postfix-maillog"
+    local master
+    master=$(postfix_master_pid) || die "Postfix master is not running; see $WORK/postfix-maillog"
+    wait_for_port "$POSTFIX_PORT" "$master" || die "Postfix does not listen on 127.0.0.1:$POSTFIX_PORT"
+}
+
+start_wsmtp() {
+    local label=$1
+    note_command "DATABASE_URL=$PG_URL/$BENCH_DB wsmtp serve --config wsmtp.yaml"
+    env -u RUST_LOG DATABASE_URL="$PG_URL/$BENCH_DB" \
+        "$WORK/wsmtp" serve --config "$WORK/wsmtp.yaml" 2>"$WORK/wsmtp-$label.log" &
+    WSMTP_PID=$!
+    wait_for_port "$WSMTP_PORT" "$WSMTP_PID" || die "wsmtp did not start; see $WORK/wsmtp-$label.log"
+}
+
+stop_wsmtp() {
+    [[ -n $WSMTP_PID ]] && stop_pid "$WSMTP_PID"
+    WSMTP_PID=""
+}
+
+# Drops the bench database and creates it again with the queue schema, so
+# every spool run starts from empty tables.
+fresh_bench_db() {
+    drop_bench_db
+    env -u RUST_LOG DATABASE_URL="$PG_URL/$BENCH_DB" \
+        "$WORK/wsmtp" migrate --config "$WORK/wsmtp.yaml" >>"$WORK/migrate.log" 2>&1 ||
+        die "wsmtp migrate failed; see $WORK/migrate.log"
+}
+
+bench_sql() {
+    psql "$PG_URL/$BENCH_DB" -qXAt -v ON_ERROR_STOP=1 -c "$1"
+}
+
+# ---------------------------------------------------------------- measuring
+
+COMMANDS_FILE=""
+
+# Records a command line once, for the report.
+note_command() {
+    grep -qxF -- "$1" "$COMMANDS_FILE" 2>/dev/null || echo "$1" >>"$COMMANDS_FILE"
+}
+
+# Appends one measurement: key, run number, value.
+record() {
+    printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$WORK/results.tsv"
+}
+
+# Sum of utime and stime (and of reaped children) of the given PIDs, in
+# clock ticks. Processes that exited meanwhile are skipped.
+cpu_ticks() {
+    local pid
+    for pid in "$@"; do
+        cat "/proc/$pid/stat" 2>/dev/null || true
+    done | sed 's/^.*) //' | awk '{ sum += $12 + $13 + $14 + $15 } END { print sum + 0 }'
+}
+
+# CPU of the Postfix instance: the master, its live children, and (through
+# the master's cutime and cstime) every child that has exited.
+postfix_cpu_ticks() {
+    local master
+    master=$(postfix_master_pid) || { echo 0; return; }
+    # shellcheck disable=SC2046
+    cpu_ticks "$master" $(ps -o pid= --ppid "$master")
+}
+
+# CPU of the PostgreSQL backends serving the bench database.
+pg_backend_cpu_ticks() {
+    # shellcheck disable=SC2046
+    cpu_ticks $(pgrep -f "^postgres: .* $BENCH_DB " || true)
+}
+
+ticks_to_ms_per_message() {
+    awk -v ticks="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.3f", ticks * 1000 / hz / n }'
+}
+
+vmhwm_kib() {
+    awk '/^VmHWM:/ { print $2 }' "/proc/$1/status"
+}
+
+SOURCE_START=""
+SOURCE_END=""
+
+# Runs smtp-source against 127.0.0.1:$1 and sets SOURCE_START and
+# SOURCE_END (seconds since the epoch). Arguments: port, messages, sessions,
+# message size, recipients per message, recipient domain.
+run_source() {
+    local port=$1 count=$2 sessions=$3 size=$4 recipients=$5 domain=$6
+    local -a command=(smtp-source -4 -s "$sessions" -m "$count" -l "$size")
+    ((recipients > 1)) && command+=(-r "$recipients")
+    command+=(-f "$SENDER" -t "rcpt@$domain" "127.0.0.1:$port")
+    note_command "${command[*]}"
+    SOURCE_START=$EPOCHREALTIME
+    if ! timeout "$STEP_TIMEOUT" "${command[@]}" >>"$WORK/smtp-source.log" 2>&1; then
+        log "smtp-source failed or timed out: ${command[*]} (see $WORK/smtp-source.log)"
+        return 1
+    fi
+    SOURCE_END=$EPOCHREALTIME
+}
+
+elapsed() {
+    awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'
+}
+
+rate() {
+    awk -v n="$1" -v s="$2" 'BEGIN { printf "%.1f", n / s }'
+}
+
+# Pass-through through wsmtp: a fresh process relays to the sink.
+wsmtp_passthrough_run() {
+    local run=$1 recipients=$2 key="a.rcpt$2"
+    start_wsmtp "pass-r$recipients-$run"
+    local cpu_before=$(cpu_ticks "$WSMTP_PID")
+    if run_source "$WSMTP_PORT" "$MESSAGES" "$SESSIONS" "$MESSAGE_SIZE" "$recipients" "$RELAY_DOMAIN"; then
+        local cpu_after=$(cpu_ticks "$WSMTP_PID")
+        local seconds=$(elapsed "$SOURCE_START" "$SOURCE_END")
+        local passed
+        passed=$(grep -c 'passed through' "$WORK/wsmtp-pass-r$recipients-$run.log" || true)
+        if [[ $passed == "$MESSAGES" ]]; then
+            record "$key.wsmtp.rate" "$run" "$(rate "$MESSAGES" "$seconds")"
+            record "$key.wsmtp.cpu" "$run" "$(ticks_to_ms_per_message $((cpu_after - cpu_before)) "$MESSAGES")"
+            log "wsmtp pass-through, $recipients rcpt, run $run: $seconds s, $(rate "$MESSAGES" "$seconds") msg/s"
+        else
+            log "wsmtp logged $passed of $MESSAGES messages as passed through; run $run discarded"
+        fi
+    fi
+    stop_wsmtp
+}
+
+# Spooling into wsmtp's queue: a fresh database and a fresh process.
+wsmtp_spool_run() {
+    local run=$1 recipients=$2 key="b.rcpt$2"
+    fresh_bench_db
+    start_wsmtp "spool-r$recipients-$run"
+    local cpu_before=$(cpu_ticks "$WSMTP_PID") pg_before=$(pg_backend_cpu_ticks)
+    if run_source "$WSMTP_PORT" "$MESSAGES" "$SESSIONS" "$MESSAGE_SIZE" "$recipients" "$LOCAL_DOMAIN"; then
+        local cpu_after=$(cpu_ticks "$WSMTP_PID") pg_after=$(pg_backend_cpu_ticks)
+        local seconds=$(elapsed "$SOURCE_START" "$SOURCE_END")
+        local ready stored_recipients
+        ready=$(bench_sql "SELECT count(*) FROM messages WHERE state = 'ready'")
+        stored_recipients=$(bench_sql "SELECT count(*) FROM recipients")
+        if [[ $ready == "$MESSAGES" && $stored_recipients == $((MESSAGES * recipients)) ]]; then
+            record "$key.wsmtp.rate" "$run" "$(rate "$MESSAGES" "$seconds")"
+            record "$key.wsmtp.cpu" "$run" "$(ticks_to_ms_per_message $((cpu_after - cpu_before)) "$MESSAGES")"
+            record "$key.postgres.cpu" "$run" "$(ticks_to_ms_per_message $((pg_after - pg_before)) "$MESSAGES")"
+            log "wsmtp spool, $recipients rcpt, run $run: $seconds s, $(rate "$MESSAGES" "$seconds") msg/s"
+        else
+            log "queue holds $ready ready messages and $stored_recipients recipients, expected $MESSAGES and $((MESSAGES * recipients)); run $run discarded"
+        fi
+    fi
+    stop_wsmtp
+}
+
+postfix_queue_files() {
+    find "$POSTFIX_QUEUE/maildrop" "$POSTFIX_QUEUE/incoming" "$POSTFIX_QUEUE/active" \
+        "$POSTFIX_QUEUE/deferred" "$POSTFIX_QUEUE/hold" -type f 2>/dev/null | wc -l
+}
+
+# Deletes held mail from the previous hold run and waits until the queue is
+# empty.
+empty_postfix_queue() {
+    postsuper -c "$WORK/postfix" -d ALL >/dev/null 2>&1 || true
+    local i
+    for ((i = 0; i < 300; i++)); do
+        [[ $(postfix_queue_files) == 0 ]] && return 0
+        sleep 0.1
+    done
+    die "the Postfix queue did not become empty"
+}
+
+# Postfix relaying to the sink. The rate is end to end: from the start of
+# smtp-source until the log holds status=sent for every recipient. A FIFO
+# feeds the new log lines to grep -m, which exits at the last expected line.
+# Arguments: run, recipients, messages, sessions, size, result key.
+postfix_relay_run() {
+    local run=$1 recipients=$2 count=$3 sessions=$4 size=$5 key=$6
+    local expected=$((count * recipients))
+    empty_postfix_queue
+
+    local offset fifo=$WORK/maillog.fifo
+    offset=$(stat -c %s "$MAILLOG")
+    rm -f "$fifo"
+    mkfifo "$fifo"
+    tail -c +$((offset + 1)) -F "$MAILLOG" >"$fifo" 2>/dev/null &
+    TAIL_PID=$!
+    timeout "$STEP_TIMEOUT" grep -m "$expected" -F 'status=sent' <"$fifo" >/dev/null &
+    GREP_PID=$!
+
+    local cpu_before=$(postfix_cpu_ticks)
+    local ok=0 delivered_at=""
+    if run_source "$POSTFIX_PORT" "$count" "$sessions" "$size" "$recipients" "$RELAY_DOMAIN"; then
+        if wait "$GREP_PID"; then
+            delivered_at=$EPOCHREALTIME
+            ok=1
+        else
+            log "Postfix did not log $expected deliveries within $STEP_TIMEOUT s"
+        fi
+    fi
+    stop_pid "$GREP_PID"
+    stop_pid "$TAIL_PID"
+    GREP_PID=""
+    TAIL_PID=""
+    rm -f "$fifo"
+    ((ok)) || return 0
+    local cpu_after=$(postfix_cpu_ticks)
+
+    local failures
+    failures=$(tail -c +$((offset + 1)) "$MAILLOG" | grep -cE 'status=(deferred|bounced)|warning|fatal|panic' || true)
+    if [[ $failures != 0 ]]; then
+        log "Postfix logged $failures deferrals or warnings during run $run; run discarded (see $WORK/postfix-maillog)"
+        return 0
+    fi
+    local accepted_seconds=$(elapsed "$SOURCE_START" "$SOURCE_END")
+    local total_seconds=$(elapsed "$SOURCE_START" "$delivered_at")
+    record "$key.postfix.rate" "$run" "$(rate "$count" "$total_seconds")"
+    record "$key.postfix.accepted" "$run" "$(rate "$count" "$accepted_seconds")"
+    record "$key.postfix.seconds" "$run" "$total_seconds"
+    record "$key.postfix.cpu" "$run" "$(ticks_to_ms_per_message $((cpu_after - cpu_before)) "$count")"
+    log "Postfix relay, $recipients rcpt, $count x $size B, run $run: accepted in $accepted_seconds s, delivered in $total_seconds s, $(rate "$count" "$total_seconds") msg/s end to end"
+}
+
+# Postfix accepting mail into its hold queue: the rate is smtp-source's.
+postfix_hold_run() {
+    local run=$1 recipients=$2 key="b.rcpt$2"
+    empty_postfix_queue
+    local cpu_before=$(postfix_cpu_ticks)
+    run_source "$POSTFIX_PORT" "$MESSAGES" "$SESSIONS" "$MESSAGE_SIZE" "$recipients" "$LOCAL_DOMAIN" || return 0
+    local cpu_after=$(postfix_cpu_ticks)
+    local seconds=$(elapsed "$SOURCE_START" "$SOURCE_END")
+    local held
+    held=$(find "$POSTFIX_QUEUE/hold" -type f | wc -l)
+    if [[ $held != "$MESSAGES" ]]; then
+        log "Postfix hold queue has $held messages, expected $MESSAGES; run $run discarded"
+        return 0
+    fi
+    record "$key.postfix.rate" "$run" "$(rate "$MESSAGES" "$seconds")"
+    record "$key.postfix.cpu" "$run" "$(ticks_to_ms_per_message $((cpu_after - cpu_before)) "$MESSAGES")"
+    log "Postfix hold, $recipients rcpt, run $run: $seconds s, $(rate "$MESSAGES" "$seconds") msg/s"
+}
+
+# One message through a fresh wsmtp process; records VmHWM after start and
+# after the message. Arguments: run, size, domain, key.
+wsmtp_memory_run() {
+    local run=$1 size=$2 domain=$3 key=$4
+    [[ $domain == "$LOCAL_DOMAIN" ]] && fresh_bench_db
+    start_wsmtp "memory-$key-$run"
+    local idle=$(vmhwm_kib "$WSMTP_PID")
+    if run_source "$WSMTP_PORT" 1 1 "$size" 1 "$domain"; then
+        local peak=$(vmhwm_kib "$WSMTP_PID")
+        record "c.$key.idle" "$run" "$idle"
+        record "c.$key.peak" "$run" "$peak"
+        record "c.$key.seconds" "$run" "$(elapsed "$SOURCE_START" "$SOURCE_END")"
+        log "wsmtp $key, run $run: VmHWM $idle KiB at start, $peak KiB after the message"
+    fi
+    stop_wsmtp
+}
+
+# ---------------------------------------------------------------- report
+
+# Median of the values recorded under a key; empty when there are none.
+median() {
+    awk -F '\t' -v key="$1" '$1 == key { print $3 }' "$WORK/results.tsv" | sort -g |
+        awk '{ v[NR] = $1 } END {
+            if (NR == 0) exit
+            if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2
+        }'
+}
+
+# All values of a key in run order, comma-separated.
+values() {
+    awk -F '\t' -v key="$1" '$1 == key { printf "%s%s", sep, $3; sep = ", " }' "$WORK/results.tsv"
+}
+
+count_values() {
+    awk -F '\t' -v key="$1" '$1 == key { n++ } END { print n + 0 }' "$WORK/results.tsv"
+}
+
+ratio() {
+    [[ -n $1 && -n $2 ]] || { echo "n/a"; return; }
+    awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'
+}
+
+# "met" when $1 >= $2, "not met" otherwise, "n/a" without a figure.
+verdict_at_least() {
+    [[ -n $1 && $1 != "n/a" ]] || { echo "n/a"; return; }
+    awk -v a="$1" -v b="$2" 'BEGIN { print (a >= b) ? "met" : "not met" }'
+}
+
+or_na() {
+    if [[ -n $1 ]]; then echo "$1"; else echo "n/a"; fi
+}
+
+kib_to_mib() {
+    [[ -n $1 ]] || { echo "n/a"; return; }
+    awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'
+}
+
+machine_report() {
+    local cpu memory pg_version postfix_version commit
+    cpu=$(awk -F ': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
+    memory=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
+    pg_version=$(psql "$PG_URL/postgres" -qXAt -c 'SHOW server_version')
+    postfix_version=$(postconf -h mail_version)
+    commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+    if [[ -n $(git --no-optional-locks -C "$ROOT" status --porcelain -- src migrations Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+        commit="$commit with uncommitted changes"
+    fi
+    local settings
+    settings=$(psql "$PG_URL/postgres" -qXAt -F ' = ' -c "SELECT name, setting FROM pg_settings
+        WHERE name IN ('synchronous_commit', 'fsync', 'wal_sync_method', 'shared_buffers', 'max_connections')
+        ORDER BY name" | paste -sd ',' | sed 's/,/, /g')
+
+    cat <<EOF
+- Date: $(date -u '+%Y-%m-%d %H:%M UTC')
+- CPU: $(nproc) cores available, $cpu
+- RAM: $memory
+- Kernel: $(uname -r)
+- PostgreSQL $pg_version ($settings)
+- Postfix $postfix_version
+- wsmtp: commit $commit, release build
+- Load average (1, 5, 15 min) at start: $LOAD_START; at end: $(cut -d ' ' -f 1-3 /proc/loadavg)
+EOF
+}
+
+results_report() {
+    local m=$MESSAGES
+    local pass1 pass10 pf1 pf10 pfacc1 pfacc10 spool1 spool10 hold1 hold10
+    pass1=$(median a.rcpt1.wsmtp.rate)
+    pass10=$(median a.rcpt10.wsmtp.rate)
+    pf1=$(median a.rcpt1.postfix.rate)
+    pf10=$(median a.rcpt10.postfix.rate)
+    pfacc1=$(median a.rcpt1.postfix.accepted)
+    pfacc10=$(median a.rcpt10.postfix.accepted)
+    spool1=$(median b.rcpt1.wsmtp.rate)
+    spool10=$(median b.rcpt10.wsmtp.rate)
+    hold1=$(median b.rcpt1.postfix.rate)
+    hold10=$(median b.rcpt10.postfix.rate)
+    local ratio_pass1 ratio_pass10 ratio_spool1 ratio_spool10
+    ratio_pass1=$(ratio "$pass1" "$pf1")
+    ratio_pass10=$(ratio "$pass10" "$pf10")
+    ratio_spool1=$(ratio "$spool1" "$hold1")
+    ratio_spool10=$(ratio "$spool10" "$hold10")
+
+    local small_peak big_peak rss_growth rss_verdict
+    small_peak=$(median c.pass-4k.peak)
+    big_peak=$(median c.pass-100m.peak)
+    if [[ -n $small_peak && -n $big_peak ]]; then
+        rss_growth=$((big_peak - small_peak))
+        rss_verdict=$( ((rss_growth <= RSS_TARGET_KIB)) && echo met || echo "not met")
+    else
+        rss_growth=""
+        rss_verdict="n/a"
+    fi
+
+    cat <<EOF
+### Rates ($m messages of $MESSAGE_SIZE bytes, $SESSIONS sessions, median of $RUNS runs)
+
+| Test | wsmtp msg/s | Postfix msg/s | wsmtp / Postfix | Target | Result |
+|---|---:|---:|---:|---|---|
+| (a) pass-through, 1 recipient | $(or_na "$pass1") | $(or_na "$pf1") end to end | $ratio_pass1 | at least 2 | $(verdict_at_least "$ratio_pass1" 2) |
+| (a) pass-through, 10 recipients | $(or_na "$pass10") | $(or_na "$pf10") end to end | $ratio_pass10 | at least 2 | $(verdict_at_least "$ratio_pass10" 2) |
+| (b) spool, 1 recipient | $(or_na "$spool1") | $(or_na "$hold1") into hold queue | $ratio_spool1 | at least 1 | $(verdict_at_least "$ratio_spool1" 1) |
+| (b) spool, 10 recipients | $(or_na "$spool10") | $(or_na "$hold10") into hold queue | $ratio_spool10 | at least 1 | $(verdict_at_least "$ratio_spool10" 1) |
+
+Postfix accepted the relayed load at $(or_na "$pfacc1") msg/s (1 recipient) and
+$(or_na "$pfacc10") msg/s (10 recipients) while delivering it, measured by
+smtp-source's elapsed time; the end to end figures above also include the
+delivery of the queue to the sink.
+
+Single runs, in run order (msg/s):
+
+| Series | Runs |
+|---|---|
+| wsmtp pass-through, 1 rcpt | $(values a.rcpt1.wsmtp.rate) |
+| Postfix relay end to end, 1 rcpt | $(values a.rcpt1.postfix.rate) |
+| wsmtp pass-through, 10 rcpt | $(values a.rcpt10.wsmtp.rate) |
+| Postfix relay end to end, 10 rcpt | $(values a.rcpt10.postfix.rate) |
+| wsmtp spool, 1 rcpt | $(values b.rcpt1.wsmtp.rate) |
+| Postfix hold, 1 rcpt | $(values b.rcpt1.postfix.rate) |
+| wsmtp spool, 10 rcpt | $(values b.rcpt10.wsmtp.rate) |
+| Postfix hold, 10 rcpt | $(values b.rcpt10.postfix.rate) |
+
+### CPU time per message (ms, median of $RUNS runs)
+
+| Test | wsmtp process | PostgreSQL backends of the bench database | Postfix, all processes of the instance |
+|---|---:|---:|---:|
+| (a) pass-through / relay, 1 rcpt | $(or_na "$(median a.rcpt1.wsmtp.cpu)") | - | $(or_na "$(median a.rcpt1.postfix.cpu)") |
+| (a) pass-through / relay, 10 rcpt | $(or_na "$(median a.rcpt10.wsmtp.cpu)") | - | $(or_na "$(median a.rcpt10.postfix.cpu)") |
+| (b) spool / hold, 1 rcpt | $(or_na "$(median b.rcpt1.wsmtp.cpu)") | $(or_na "$(median b.rcpt1.postgres.cpu)") | $(or_na "$(median b.rcpt1.postfix.cpu)") |
+| (b) spool / hold, 10 rcpt | $(or_na "$(median b.rcpt10.wsmtp.cpu)") | $(or_na "$(median b.rcpt10.postgres.cpu)") | $(or_na "$(median b.rcpt10.postfix.cpu)") |
+
+PostgreSQL's WAL writer, checkpointer and background writer are not
+counted, nor are smtp-source and smtp-sink.
+
+### Memory and one large message (median of $RUNS runs, a fresh wsmtp process each)
+
+| Case | wsmtp VmHWM at start | wsmtp VmHWM after the message | Transfer time |
+|---|---:|---:|---:|
+| pass-through, one 4 KiB message | $(kib_to_mib "$(median c.pass-4k.idle)") MiB | $(kib_to_mib "$small_peak") MiB | $(or_na "$(median c.pass-4k.seconds)") s |
+| pass-through, one 100 MiB message | $(kib_to_mib "$(median c.pass-100m.idle)") MiB | $(kib_to_mib "$big_peak") MiB | $(or_na "$(median c.pass-100m.seconds)") s |
+| spool, one 100 MiB message | $(kib_to_mib "$(median c.spool-100m.idle)") MiB | $(kib_to_mib "$(median c.spool-100m.peak)") MiB | $(or_na "$(median c.spool-100m.seconds)") s |
+
+Peak RSS growth from the 4 KiB to the 100 MiB pass-through message:
+$(kib_to_mib "$rss_growth") MiB (target: at most 32 MiB): **$rss_verdict**.
+VmHWM values after the message, in run order: 4 KiB $(values c.pass-4k.peak) KiB;
+100 MiB $(values c.pass-100m.peak) KiB.
+
+Postfix relayed the same 100 MiB message to the sink end to end in
+$(or_na "$(median c.postfix-100m.postfix.seconds)") s.
+EOF
+}
+
+commands_report() {
+    echo '```sh'
+    cat "$COMMANDS_FILE"
+    echo '```'
+}
+
+write_report() {
+    local report=$WORK/report.md
+    {
+        echo "<!-- bench/run.sh writes the text between these markers; edits there are lost. -->"
+        echo
+        echo "### Machine"
+        echo
+        machine_report
+        echo
+        results_report
+        echo
+        echo "### Commands"
+        echo
+        echo "Run by bench/run.sh (MESSAGES=$MESSAGES RUNS=$RUNS SESSIONS=$SESSIONS), configurations from"
+        echo "bench/wsmtp.yaml.in and bench/postfix/:"
+        echo
+        commands_report
+    } >"$report"
+
+    echo
+    results_report
+    echo
+
+    [[ -n $DOC ]] || return 0
+    local begin='<!-- results:begin -->' end='<!-- results:end -->'
+    mkdir -p "$(dirname "$DOC")"
+    if [[ ! -f $DOC ]] || ! grep -qxF "$begin" "$DOC" || ! grep -qxF "$end" "$DOC"; then
+        printf '# Benchmarks\n\n%s\n%s\n' "$begin" "$end" >>"$DOC"
+    fi
+    awk -v begin="$begin" -v end="$end" -v report="$report" '
+        $0 == begin { print; while ((getline line < report) > 0) print line; skipping = 1; next }
+        $0 == end { skipping = 0 }
+        !skipping { print }
+    ' "$DOC" >"$DOC.tmp"
+    mv "$DOC.tmp" "$DOC"
+    log "results written to $DOC"
+}
+
+# ---------------------------------------------------------------- main
+
+main() {
+    require_tools
+    WORK=$(mktemp -d /tmp/wsmtp-bench.XXXXXX)
+    # Postfix daemons read the configuration directory below this one.
+    chmod 755 "$WORK"
+    COMMANDS_FILE=$WORK/commands.txt
+    : >"$COMMANDS_FILE"
+    : >"$WORK/results.tsv"
+    CLK_TCK=$(getconf CLK_TCK)
+    LOAD_START=$(cut -d ' ' -f 1-3 /proc/loadavg)
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+
+    local port
+    for port in "$WSMTP_PORT" "$SINK_PORT" "$POSTFIX_PORT"; do
+        port_open "$port" && die "127.0.0.1:$port is in use; choose other ports with WSMTP_PORT, SINK_PORT, POSTFIX_PORT"
+    done
+    psql "$PG_URL/postgres" -qXAt -c 'SELECT 1' >/dev/null || die "PostgreSQL at $PG_URL is not reachable"
+
+    # A private copy, so a build in the shared target directory cannot
+    # replace the binary halfway through.
+    cp "$WSMTP_BIN" "$WORK/wsmtp"
+    render "$BENCH_DIR/wsmtp.yaml.in" "$WORK/wsmtp.yaml"
+    "$WORK/wsmtp" check --config "$WORK/wsmtp.yaml" >&2 || die "the wsmtp benchmark configuration is invalid"
+
+    start_sink
+    start_postfix
+    fresh_bench_db
+    log "work directory $WORK; $MESSAGES messages per run, $RUNS runs, $SESSIONS sessions"
+
+    # The systems take turns within each round, so load from other work on
+    # the machine affects both sides alike.
+    local run
+    for ((run = 1; run <= RUNS; run++)); do
+        log "round $run of $RUNS (load average $(cut -d ' ' -f 1-3 /proc/loadavg))"
+        wsmtp_passthrough_run "$run" 1
+        postfix_relay_run "$run" 1 "$MESSAGES" "$SESSIONS" "$MESSAGE_SIZE" a.rcpt1
+        wsmtp_passthrough_run "$run" 10
+        postfix_relay_run "$run" 10 "$MESSAGES" "$SESSIONS" "$MESSAGE_SIZE" a.rcpt10
+        wsmtp_spool_run "$run" 1
+        postfix_hold_run "$run" 1
+        wsmtp_spool_run "$run" 10
+        postfix_hold_run "$run" 10
+        wsmtp_memory_run "$run" "$MESSAGE_SIZE" "$RELAY_DOMAIN" pass-4k
+        wsmtp_memory_run "$run" "$BIG_MESSAGE_SIZE" "$RELAY_DOMAIN" pass-100m
+        wsmtp_memory_run "$run" "$BIG_MESSAGE_SIZE" "$LOCAL_DOMAIN" spool-100m
+        postfix_relay_run "$run" 1 1 1 "$BIG_MESSAGE_SIZE" c.postfix-100m
+    done
+    empty_postfix_queue
+
+    write_report
+}
+
+main "$@"

@@ -1,0 +1,6 @@
+//! Shared helpers for integration tests: a downstream sink, throwaway
+//! databases, an in-process wsmtp and a raw SMTP client.
+
+pub mod db;
+pub mod harness;
+pub mod sink;
