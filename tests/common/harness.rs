@@ -48,6 +48,15 @@ impl TestConfig {
         self
     }
 
+    pub fn tls(mut self, certificate: &std::path::Path, key: &std::path::Path) -> TestConfig {
+        self.tls = Some(format!(
+            "{{certificate: '{}', key: '{}'}}",
+            certificate.display(),
+            key.display()
+        ));
+        self
+    }
+
     pub fn timeouts(mut self, yaml: &str) -> TestConfig {
         self.timeouts = yaml.to_string();
         self

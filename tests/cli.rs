@@ -1,0 +1,219 @@
+//! The command line, run as a user would: the real binary.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::db::TestDb;
+
+fn wsmtp() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wsmtp"));
+    command.env_remove("DATABASE_URL").env_remove("RUST_LOG");
+    command
+}
+
+fn write_config(directory: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+    let path = directory.path().join("config.yaml");
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let output = wsmtp()
+        .args([
+            "check",
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/config.yaml"),
+        ])
+        .output()
+        .expect("run wsmtp check");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(String::from_utf8_lossy(&output.stdout).contains("OK"));
+}
+
+#[test]
+fn check_reports_every_problem_with_key_and_line() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let path = write_config(
+        &directory,
+        "listeners:\n  - address: localhost\nrelay:\n  local_domains: [example.com]\n  relay_domains:\n    - domain: example.net\n      group: nowhere\n  relay_networks: [10.0.0.0/40]\ntimeouts:\n  command: soon\n",
+    );
+    let output = wsmtp()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run wsmtp check");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "line 2: listeners[0].address",
+        "line 7: relay.relay_domains[0].group",
+        "line 8: relay.relay_networks[0]",
+        "line 10: timeouts.command",
+        "queue:",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn check_reports_yaml_errors_with_line() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let path = write_config(
+        &directory,
+        "listeners:\n  - address: 127.0.0.1:2525\nlimits:\n  max_recipients: many\n",
+    );
+    let output = wsmtp()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run wsmtp check");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 4"), "{stderr}");
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+fn connect_with_retry(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(stream) => return stream,
+            Err(error) if Instant::now() > deadline => {
+                panic!("wsmtp did not start listening: {error}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn read_line(reader: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read line");
+    line
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_then_serve_then_sigterm() {
+    let db = TestDb::reserve();
+    let directory = tempfile::tempdir().expect("temp dir");
+    let port = free_port();
+    let path = write_config(
+        &directory,
+        &format!(
+            "listeners:\n  - address: 127.0.0.1:{port}\nrelay:\n  local_domains: [example.com]\nqueue:\n  url: {}\ntimeouts:\n  shutdown_grace: 5s\n",
+            db.url
+        ),
+    );
+
+    // migrate creates the missing database.
+    let output = wsmtp()
+        .args(["migrate", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run migrate");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mut server = wsmtp()
+        .args(["serve", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wsmtp serve");
+    let stream = connect_with_retry(port);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    assert!(read_line(&mut reader).starts_with("220 "));
+    writer
+        .write_all(b"HELO cli.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
+        .expect("write");
+    for expected in ["250 ", "250 ", "250 ", "354 "] {
+        let line = read_line(&mut reader);
+        assert!(line.starts_with(expected), "expected {expected}: {line}");
+    }
+    writer
+        .write_all(b"Subject: cli\r\n\r\nhello\r\n.\r\n")
+        .expect("write");
+    let queued = read_line(&mut reader);
+    assert!(queued.starts_with("250 2.0.0 OK: queued as "), "{queued}");
+    let queue_id = queued
+        .trim_end()
+        .rsplit(' ')
+        .next()
+        .expect("queue id")
+        .to_string();
+
+    let list = wsmtp()
+        .args(["queue", "list", "--config"])
+        .arg(&path)
+        .output()
+        .expect("queue list");
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&queue_id));
+    let show = wsmtp()
+        .args(["queue", "show", &queue_id, "--body", "--config"])
+        .arg(&path)
+        .output()
+        .expect("queue show");
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        shown.contains("<alice@example.com>  route=local"),
+        "{shown}"
+    );
+    assert!(shown.contains("hello"), "{shown}");
+
+    // SIGTERM: the idle session gets 421 and the process exits cleanly.
+    let status = Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let line = read_line(&mut reader);
+    assert!(line.starts_with("421 4.3.2"), "{line}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = server.try_wait().expect("wait") {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "wsmtp did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    let mut log = String::new();
+    server
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut log)
+        .expect("log");
+    assert!(
+        log.contains("transaction finished") && log.contains(&queue_id),
+        "{log}"
+    );
+    assert!(log.contains("SIGTERM received"), "{log}");
+    db.drop_database().await;
+}
