@@ -49,7 +49,7 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum QueueCommand {
-    /// List queued messages, newest first.
+    /// List queued messages, oldest first.
     List {
         /// Only messages in this state: receiving or ready.
         #[arg(long)]
