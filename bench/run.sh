@@ -28,6 +28,8 @@
 #   WSMTP_BIN=target/release/wsmtp   (build it first: cargo build --release)
 #   DOC=docs/benchmarks.md   where results are written; DOC= skips it
 #   STEP_TIMEOUT=900  seconds allowed for each load step
+#   POSTFIX_CONCURRENCY=20  Postfix's parallel deliveries to the sink
+#                     (default_destination_concurrency_limit, default 20)
 #   KEEP_WORK=0       1 keeps the work directory (logs, configs) at exit
 #
 # Requirements: bash 5, psql, PostgreSQL 13 or newer, and Postfix 3.4 or
@@ -60,6 +62,8 @@ BENCH_DB=${BENCH_DB:-wsmtp_bench}
 WSMTP_BIN=${WSMTP_BIN:-$ROOT/target/release/wsmtp}
 DOC=${DOC-$ROOT/docs/benchmarks.md}
 STEP_TIMEOUT=${STEP_TIMEOUT:-900}
+# Postfix's parallel deliveries to the sink; 20 is Postfix's default.
+POSTFIX_CONCURRENCY=${POSTFIX_CONCURRENCY:-20}
 KEEP_WORK=${KEEP_WORK:-0}
 
 # The 100 MiB memory test must stay within this much of the 4 KiB one.
@@ -136,7 +140,7 @@ stop_postfix() {
 }
 
 drop_bench_db() {
-    psql "$PG_URL/postgres" -qX -v ON_ERROR_STOP=1 \
+    PGOPTIONS="-c client_min_messages=warning" psql "$PG_URL/postgres" -qX -v ON_ERROR_STOP=1 \
         -c "DROP DATABASE IF EXISTS \"$BENCH_DB\" WITH (FORCE)" >/dev/null
 }
 
@@ -212,6 +216,7 @@ render() {
         -e "s|@QUEUE_DIR@|$POSTFIX_QUEUE|g" \
         -e "s|@DATA_DIR@|$POSTFIX_DATA|g" \
         -e "s|@MAILLOG@|$MAILLOG|g" \
+        -e "s|@POSTFIX_CONCURRENCY@|$POSTFIX_CONCURRENCY|g" \
         "$1" >"$2"
 }
 
@@ -274,7 +279,7 @@ start_postfix() {
     : >"$MAILLOG"
 
     postfix -c "$conf" check >&2 || die "postfix check failed; see $WORK/postfix-maillog"
-    note_command "postfix -c $conf start"
+    note_command "postfix -c WORK/postfix start   # WORK is the script's work directory"
     POSTFIX_STARTED=1
     postfix -c "$conf" start >&2 || die "postfix start failed; see $WORK/postfix-maillog"
     local master
@@ -484,9 +489,10 @@ postfix_relay_run() {
     local cpu_after=$(postfix_cpu_ticks)
 
     local failures
-    failures=$(tail -c +$((offset + 1)) "$MAILLOG" | grep -cE 'status=(deferred|bounced)|warning|fatal|panic' || true)
+    failures=$(tail -c +$((offset + 1)) "$MAILLOG" |
+        grep -cE 'status=(deferred|bounced|expired)|postfix/[a-z-]+\[[0-9]+\]: (error|fatal|panic):' || true)
     if [[ $failures != 0 ]]; then
-        log "Postfix logged $failures deferrals or warnings during run $run; run discarded (see $WORK/postfix-maillog)"
+        log "Postfix logged $failures deferrals, bounces or errors during run $run; run discarded (see $WORK/postfix-maillog)"
         return 0
     fi
     local accepted_seconds=$(elapsed "$SOURCE_START" "$SOURCE_END")
@@ -536,22 +542,28 @@ wsmtp_memory_run() {
 
 # ---------------------------------------------------------------- report
 
-# Median of the values recorded under a key; empty when there are none.
+# Median of the values recorded under key $1, printed with format $2
+# (default %.0f); empty when there are none.
 median() {
     awk -F '\t' -v key="$1" '$1 == key { print $3 }' "$WORK/results.tsv" | sort -g |
-        awk '{ v[NR] = $1 } END {
+        awk -v format="${2:-%.0f}" '{ v[NR] = $1 } END {
             if (NR == 0) exit
-            if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2
+            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+            printf format "\n", m
         }'
 }
 
-# All values of a key in run order, comma-separated.
+# All values of a key in run order, comma-separated, rounded to integers.
 values() {
-    awk -F '\t' -v key="$1" '$1 == key { printf "%s%s", sep, $3; sep = ", " }' "$WORK/results.tsv"
+    awk -F '\t' -v key="$1" '$1 == key { printf "%s%.0f", sep, $3; sep = ", " }' "$WORK/results.tsv"
 }
 
 count_values() {
     awk -F '\t' -v key="$1" '$1 == key { n++ } END { print n + 0 }' "$WORK/results.tsv"
+}
+
+runs_text() {
+    if ((RUNS == 1)); then echo "1 run"; else echo "median of $RUNS runs"; fi
 }
 
 ratio() {
@@ -575,17 +587,18 @@ kib_to_mib() {
 }
 
 machine_report() {
-    local cpu memory pg_version postfix_version commit
+    local cpu memory pg_version postfix_version commit built
     cpu=$(awk -F ': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     memory=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
     pg_version=$(psql "$PG_URL/postgres" -qXAt -c 'SHOW server_version')
     postfix_version=$(postconf -h mail_version)
     commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
     if [[ -n $(git --no-optional-locks -C "$ROOT" status --porcelain -- src migrations Cargo.toml Cargo.lock 2>/dev/null) ]]; then
-        commit="$commit with uncommitted changes"
+        commit="$commit with uncommitted changes to the sources"
     fi
+    built=$(date -u -r "$WSMTP_BIN" '+%Y-%m-%d %H:%M UTC')
     local settings
-    settings=$(psql "$PG_URL/postgres" -qXAt -F ' = ' -c "SELECT name, setting FROM pg_settings
+    settings=$(psql "$PG_URL/postgres" -qXAt -F ' = ' -c "SELECT name, current_setting(name) FROM pg_settings
         WHERE name IN ('synchronous_commit', 'fsync', 'wal_sync_method', 'shared_buffers', 'max_connections')
         ORDER BY name" | paste -sd ',' | sed 's/,/, /g')
 
@@ -596,7 +609,7 @@ machine_report() {
 - Kernel: $(uname -r)
 - PostgreSQL $pg_version ($settings)
 - Postfix $postfix_version
-- wsmtp: commit $commit, release build
+- wsmtp: release build of $built; the repository was at commit $commit when the report was written
 - Load average (1, 5, 15 min) at start: $LOAD_START; at end: $(cut -d ' ' -f 1-3 /proc/loadavg)
 EOF
 }
@@ -632,7 +645,7 @@ results_report() {
     fi
 
     cat <<EOF
-### Rates ($m messages of $MESSAGE_SIZE bytes, $SESSIONS sessions, median of $RUNS runs)
+### Rates ($m messages of $MESSAGE_SIZE bytes, $SESSIONS sessions, $(runs_text))
 
 | Test | wsmtp msg/s | Postfix msg/s | wsmtp / Postfix | Target | Result |
 |---|---:|---:|---:|---|---|
@@ -659,34 +672,49 @@ Single runs, in run order (msg/s):
 | wsmtp spool, 10 rcpt | $(values b.rcpt10.wsmtp.rate) |
 | Postfix hold, 10 rcpt | $(values b.rcpt10.postfix.rate) |
 
-### CPU time per message (ms, median of $RUNS runs)
+### CPU time per message (ms, $(runs_text))
 
 | Test | wsmtp process | PostgreSQL backends of the bench database | Postfix, all processes of the instance |
 |---|---:|---:|---:|
-| (a) pass-through / relay, 1 rcpt | $(or_na "$(median a.rcpt1.wsmtp.cpu)") | - | $(or_na "$(median a.rcpt1.postfix.cpu)") |
-| (a) pass-through / relay, 10 rcpt | $(or_na "$(median a.rcpt10.wsmtp.cpu)") | - | $(or_na "$(median a.rcpt10.postfix.cpu)") |
-| (b) spool / hold, 1 rcpt | $(or_na "$(median b.rcpt1.wsmtp.cpu)") | $(or_na "$(median b.rcpt1.postgres.cpu)") | $(or_na "$(median b.rcpt1.postfix.cpu)") |
-| (b) spool / hold, 10 rcpt | $(or_na "$(median b.rcpt10.wsmtp.cpu)") | $(or_na "$(median b.rcpt10.postgres.cpu)") | $(or_na "$(median b.rcpt10.postfix.cpu)") |
+| (a) pass-through / relay, 1 rcpt | $(or_na "$(median a.rcpt1.wsmtp.cpu %.2f)") | - | $(or_na "$(median a.rcpt1.postfix.cpu %.2f)") |
+| (a) pass-through / relay, 10 rcpt | $(or_na "$(median a.rcpt10.wsmtp.cpu %.2f)") | - | $(or_na "$(median a.rcpt10.postfix.cpu %.2f)") |
+| (b) spool / hold, 1 rcpt | $(or_na "$(median b.rcpt1.wsmtp.cpu %.2f)") | $(or_na "$(median b.rcpt1.postgres.cpu %.2f)") | $(or_na "$(median b.rcpt1.postfix.cpu %.2f)") |
+| (b) spool / hold, 10 rcpt | $(or_na "$(median b.rcpt10.wsmtp.cpu %.2f)") | $(or_na "$(median b.rcpt10.postgres.cpu %.2f)") | $(or_na "$(median b.rcpt10.postfix.cpu %.2f)") |
 
 PostgreSQL's WAL writer, checkpointer and background writer are not
 counted, nor are smtp-source and smtp-sink.
 
-### Memory and one large message (median of $RUNS runs, a fresh wsmtp process each)
+### Memory and one large message ($(runs_text), a fresh wsmtp process each)
 
 | Case | wsmtp VmHWM at start | wsmtp VmHWM after the message | Transfer time |
 |---|---:|---:|---:|
-| pass-through, one 4 KiB message | $(kib_to_mib "$(median c.pass-4k.idle)") MiB | $(kib_to_mib "$small_peak") MiB | $(or_na "$(median c.pass-4k.seconds)") s |
-| pass-through, one 100 MiB message | $(kib_to_mib "$(median c.pass-100m.idle)") MiB | $(kib_to_mib "$big_peak") MiB | $(or_na "$(median c.pass-100m.seconds)") s |
-| spool, one 100 MiB message | $(kib_to_mib "$(median c.spool-100m.idle)") MiB | $(kib_to_mib "$(median c.spool-100m.peak)") MiB | $(or_na "$(median c.spool-100m.seconds)") s |
+| pass-through, one 4 KiB message | $(kib_to_mib "$(median c.pass-4k.idle)") MiB | $(kib_to_mib "$small_peak") MiB | $(or_na "$(median c.pass-4k.seconds %.2f)") s |
+| pass-through, one 100 MiB message | $(kib_to_mib "$(median c.pass-100m.idle)") MiB | $(kib_to_mib "$big_peak") MiB | $(or_na "$(median c.pass-100m.seconds %.2f)") s |
+| spool, one 100 MiB message | $(kib_to_mib "$(median c.spool-100m.idle)") MiB | $(kib_to_mib "$(median c.spool-100m.peak)") MiB | $(or_na "$(median c.spool-100m.seconds %.2f)") s |
 
-Peak RSS growth from the 4 KiB to the 100 MiB pass-through message:
-$(kib_to_mib "$rss_growth") MiB (target: at most 32 MiB): **$rss_verdict**.
+Peak RSS growth from the 4 KiB to the 100 MiB pass-through message (medians):
+$(or_na "$rss_growth") KiB (target: at most 32 MiB): **$rss_verdict**.
 VmHWM values after the message, in run order: 4 KiB $(values c.pass-4k.peak) KiB;
 100 MiB $(values c.pass-100m.peak) KiB.
 
 Postfix relayed the same 100 MiB message to the sink end to end in
-$(or_na "$(median c.postfix-100m.postfix.seconds)") s.
+$(or_na "$(median c.postfix-100m.postfix.seconds %.2f)") s.
 EOF
+}
+
+# Postfix warnings of the whole run, counted by text.
+postfix_warnings_report() {
+    local warnings
+    warnings=$(grep -F ': warning: ' "$MAILLOG" | sed 's/^.*: warning: //' | sort | uniq -c | sort -rn | head -20 || true)
+    if [[ -z $warnings ]]; then
+        echo "Postfix logged no warnings."
+        return
+    fi
+    echo "Postfix logged these warnings (count, text) during the whole run:"
+    echo
+    echo '```'
+    echo "$warnings"
+    echo '```'
 }
 
 commands_report() {
@@ -706,9 +734,11 @@ write_report() {
         echo
         results_report
         echo
+        postfix_warnings_report
+        echo
         echo "### Commands"
         echo
-        echo "Run by bench/run.sh (MESSAGES=$MESSAGES RUNS=$RUNS SESSIONS=$SESSIONS), configurations from"
+        echo "Run by bench/run.sh (MESSAGES=$MESSAGES RUNS=$RUNS SESSIONS=$SESSIONS POSTFIX_CONCURRENCY=$POSTFIX_CONCURRENCY), configurations from"
         echo "bench/wsmtp.yaml.in and bench/postfix/:"
         echo
         commands_report

@@ -77,12 +77,23 @@ async fn migrate_twice_succeeds() {
     queue.migrate().await.expect("second migrate");
 
     let client = db.connect().await;
-    let applied: i64 = client
-        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+    let rows = client
+        .query(
+            "SELECT version FROM refinery_schema_history ORDER BY version",
+            &[],
+        )
         .await
-        .expect("history query")
-        .get(0);
-    assert_eq!(applied, 1, "V1 is recorded once");
+        .expect("history query");
+    let versions: Vec<i32> = rows.iter().map(|row| row.get(0)).collect();
+    let migration_files = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations"))
+        .expect("migrations folder")
+        .count();
+    assert_eq!(
+        versions.len(),
+        migration_files,
+        "each migration is recorded once: {versions:?}"
+    );
+    assert_eq!(versions[0], 1);
 }
 
 #[tokio::test]
