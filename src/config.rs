@@ -72,7 +72,26 @@ pub struct Config {
     pub relay: RelayConfig,
     pub groups: BTreeMap<String, GroupConfig>,
     pub queue: Option<QueueSettings>,
+    pub router: RouterConfig,
+    /// How often the directory version is polled when no notification came.
+    pub directory_poll_interval: Duration,
     pub log: LogConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    /// Concurrent routing loops per process.
+    pub workers: usize,
+    /// Messages claimed at once by one loop.
+    pub claim_messages: usize,
+    /// How long a claim lasts before another router may take the work over.
+    pub lease: Duration,
+    /// Recipients per delivery batch.
+    pub batch_size: usize,
+    /// Nesting of lists and forwards followed.
+    pub max_depth: usize,
+    /// Wait between polls when idle.
+    pub poll_interval: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -186,7 +205,28 @@ struct RawConfig {
     downstream_groups: Vec<RawGroup>,
     queue: Option<RawQueue>,
     #[serde(default)]
+    router: RawRouter,
+    #[serde(default)]
+    directory: RawDirectory,
+    #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRouter {
+    workers: Option<Spanned<u64>>,
+    claim_messages: Option<Spanned<u64>>,
+    lease: Option<Text>,
+    batch_size: Option<Spanned<u64>>,
+    max_depth: Option<Spanned<u64>>,
+    poll_interval: Option<Text>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDirectory {
+    poll_interval: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -465,6 +505,16 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         );
     }
 
+    let router = convert_router(&raw.router, checker);
+    let second = Duration::from_secs(1);
+    let directory_poll_interval = checker.duration(
+        "directory.poll_interval",
+        &raw.directory.poll_interval,
+        Duration::from_secs(30),
+        second,
+        Duration::from_secs(3600),
+    );
+
     let log = LogConfig {
         format: raw.log.format.unwrap_or(LogFormat::Text),
         filter: raw.log.filter.unwrap_or_else(|| "info".to_string()),
@@ -478,7 +528,27 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         relay,
         groups,
         queue,
+        router,
+        directory_poll_interval,
         log,
+    }
+}
+
+fn convert_router(raw: &RawRouter, checker: &mut Checker) -> RouterConfig {
+    let hour = Duration::from_secs(3600);
+    RouterConfig {
+        workers: checker.bounded("router.workers", &raw.workers, 2, 1, 256) as usize,
+        claim_messages: checker.bounded("router.claim_messages", &raw.claim_messages, 16, 1, 10_000) as usize,
+        lease: checker.duration("router.lease", &raw.lease, Duration::from_secs(300), Duration::from_secs(1), hour),
+        batch_size: checker.bounded("router.batch_size", &raw.batch_size, 20, 1, 1000) as usize,
+        max_depth: checker.bounded("router.max_depth", &raw.max_depth, 10, 1, 100) as usize,
+        poll_interval: checker.duration(
+            "router.poll_interval",
+            &raw.poll_interval,
+            Duration::from_millis(250),
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        ),
     }
 }
 

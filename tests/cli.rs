@@ -133,6 +133,20 @@ async fn migrate_then_serve_then_sigterm() {
         String::from_utf8_lossy(&output.stderr)
     );
 
+    // An account for alice, so the directory accepts her address.
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(connection);
+    client
+        .batch_execute(
+            "WITH account AS (INSERT INTO accounts (name) VALUES ('alice') RETURNING id)
+             INSERT INTO addresses (address, domain, account_id)
+             SELECT 'alice@example.com', 'example.com', id FROM account",
+        )
+        .await
+        .expect("add account");
+
     let mut server = wsmtp()
         .args(["serve", "--config"])
         .arg(&path)
@@ -146,13 +160,28 @@ async fn migrate_then_serve_then_sigterm() {
     let mut reader = BufReader::new(stream.try_clone().expect("clone"));
     let mut writer = stream;
     assert!(read_line(&mut reader).starts_with("220 "));
-    writer
-        .write_all(b"HELO cli.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.com>\r\nDATA\r\n")
-        .expect("write");
-    for expected in ["250 ", "250 ", "250 ", "354 "] {
-        let line = read_line(&mut reader);
-        assert!(line.starts_with(expected), "expected {expected}: {line}");
+    writer.write_all(b"HELO cli.example\r\n").expect("write");
+    assert!(read_line(&mut reader).starts_with("250 "));
+
+    // Until the directory has loaded, local recipients get 451.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        writer
+            .write_all(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<alice@example.com>\r\n")
+            .expect("write");
+        assert!(read_line(&mut reader).starts_with("250 "));
+        let rcpt = read_line(&mut reader);
+        if rcpt.starts_with("250 ") {
+            break;
+        }
+        assert!(rcpt.starts_with("451 4.3.0"), "{rcpt}");
+        assert!(Instant::now() < deadline, "the directory did not load");
+        writer.write_all(b"RSET\r\n").expect("write");
+        assert!(read_line(&mut reader).starts_with("250 "));
+        std::thread::sleep(Duration::from_millis(100));
     }
+    writer.write_all(b"DATA\r\n").expect("write");
+    assert!(read_line(&mut reader).starts_with("354 "));
     writer
         .write_all(b"Subject: cli\r\n\r\nhello\r\n.\r\n")
         .expect("write");

@@ -36,8 +36,12 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the SMTP listener (applies queue migrations at start).
-    Serve,
+    /// Run the SMTP listener and the router (applies queue migrations at start).
+    Serve {
+        /// Tiers to run, comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "listener,router")]
+        roles: Vec<serve::Role>,
+    },
     /// Validate the configuration and print every problem with its key and line.
     Check,
     /// Create the queue database if missing and apply the migrations.
@@ -72,7 +76,7 @@ pub enum QueueCommand {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check => check(&cli.config),
-        Command::Serve => with_config(&cli.config, |config| runtime(serve::serve(config))),
+        Command::Serve { roles } => with_config(&cli.config, |config| runtime(serve::serve(config, roles))),
         Command::Migrate => with_config(&cli.config, |config| {
             runtime(queue_commands::migrate(config))
         }),

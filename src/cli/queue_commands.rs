@@ -16,6 +16,7 @@ fn open_queue(config: &Config) -> anyhow::Result<Queue> {
 pub async fn migrate(config: Config) -> anyhow::Result<()> {
     let queue = open_queue(&config)?;
     queue.migrate().await?;
+    super::serve::seed_domains(&queue, &config).await?;
     println!("queue database is up to date");
     Ok(())
 }

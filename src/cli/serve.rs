@@ -1,74 +1,140 @@
-//! `wsmtp serve`: runs the listener until SIGTERM or SIGINT.
+//! `wsmtp serve`: runs the listener and router tiers until SIGTERM or SIGINT.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::directory::{self, Directory};
 use crate::listener::Server;
 use crate::listener::intake::Shared;
 use crate::queue::Queue;
+use crate::router::worker::{Router, RouterSettings};
 
 /// How long to wait between attempts to migrate an unreachable queue database.
 const MIGRATION_RETRY: std::time::Duration = std::time::Duration::from_secs(10);
 
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// The tiers one process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// The SMTP listener: decisions, pass-through and spooling.
+    Listener,
+    /// Routing of spooled mail through the account directory.
+    Router,
+}
+
+/// A started server.
+pub struct Running {
+    /// Ends after shutdown was requested and the tiers drained.
+    pub handle: tokio::task::JoinHandle<()>,
+    /// Bound listener addresses, in configuration order.
+    pub addresses: Vec<SocketAddr>,
+    pub directory: Option<Arc<Directory>>,
+    pub router: Option<Arc<Router>>,
+}
+
+pub async fn serve(config: Config, roles: Vec<Role>) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
-    let server = start(config, shutdown.clone()).await?;
+    let running = start(config, &roles, shutdown.clone()).await?;
     tokio::spawn(wait_for_signal(shutdown));
-    server.await?;
+    running.handle.await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Binds the listener, starts the queue's background tasks and returns the
-/// running server; it ends after `shutdown` is cancelled and sessions drained.
-pub async fn start(
-    config: Config,
-    shutdown: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (handle, _) = start_with_addresses(config, shutdown).await?;
-    Ok(handle)
-}
+/// Starts the given roles and returns at once.
+pub async fn start(config: Config, roles: &[Role], shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let wants_router = roles.contains(&Role::Router);
+    let wants_listener = roles.contains(&Role::Listener);
+    if wants_router && config.queue.is_none() {
+        anyhow::bail!("the router role needs a queue database: add a queue section or set DATABASE_URL");
+    }
 
-/// Like [`start`], and also returns the bound addresses (useful with port 0).
-pub async fn start_with_addresses(
-    config: Config,
-    shutdown: CancellationToken,
-) -> anyhow::Result<(tokio::task::JoinHandle<()>, Vec<std::net::SocketAddr>)> {
     let queue = match &config.queue {
-        Some(settings) => {
-            let queue = Queue::new(&settings.database)?;
-            tokio::spawn(maintain_queue(
-                queue.clone(),
-                settings.janitor_interval,
-                shutdown.clone(),
-            ));
-            Some(queue)
-        }
+        Some(settings) => Some(Queue::new(&settings.database)?),
         None => None,
     };
-    let shared = Arc::new(Shared {
-        config: Arc::new(config),
-        queue,
+    let directory = queue.as_ref().map(|_| Arc::new(Directory::new()));
+    let router = match (&queue, &directory, wants_router) {
+        (Some(queue), Some(directory), true) => Some(Arc::new(Router::new(
+            queue.clone(),
+            Arc::clone(directory),
+            router_settings(&config),
+        ))),
+        _ => None,
+    };
+    if let (Some(queue), Some(directory), Some(settings)) = (&queue, &directory, &config.queue) {
+        tokio::spawn(maintain_queue(
+            queue.clone(),
+            Arc::clone(directory),
+            config.clone(),
+            settings.janitor_interval,
+            shutdown.clone(),
+        ));
+    }
+
+    let mut tasks = Vec::new();
+    let mut addresses = Vec::new();
+    if wants_listener {
+        let shared = Arc::new(Shared {
+            config: Arc::new(config),
+            queue,
+            directory: directory.clone(),
+            router_wake: router.as_ref().map(|r| r.wake_handle()),
+        });
+        let server = Server::bind(shared).await?;
+        addresses = server.local_addresses();
+        tasks.push(tokio::spawn(server.run(shutdown.clone())));
+    }
+    if let Some(router) = &router {
+        tasks.push(tokio::spawn(Arc::clone(router).run(shutdown.clone())));
+    }
+    let handle = tokio::spawn(async move {
+        for task in tasks {
+            let _ = task.await;
+        }
     });
-    let server = Server::bind(shared).await?;
-    let addresses = server.local_addresses();
-    Ok((tokio::spawn(server.run(shutdown)), addresses))
+    Ok(Running {
+        handle,
+        addresses,
+        directory,
+        router,
+    })
+}
+
+fn router_settings(config: &Config) -> RouterSettings {
+    RouterSettings {
+        workers: config.router.workers,
+        claim_messages: config.router.claim_messages as i64,
+        lease: config.router.lease,
+        batch_size: config.router.batch_size,
+        max_depth: config.router.max_depth,
+        poll_interval: config.router.poll_interval,
+        hostname: config.hostname.clone(),
+    }
 }
 
 /// Applies migrations (retrying while the database is unreachable, since the
-/// listener keeps serving pass-through mail meanwhile), then runs the janitor.
+/// listener keeps serving pass-through mail meanwhile), enters the
+/// configured local domains into the directory, watches the directory, and
+/// runs the janitor.
 async fn maintain_queue(
     queue: Queue,
+    directory: Arc<Directory>,
+    config: Config,
     janitor_interval: std::time::Duration,
     shutdown: CancellationToken,
 ) {
     loop {
-        match queue.migrate().await {
+        let result = match queue.migrate().await {
+            Ok(()) => seed_domains(&queue, &config).await,
+            Err(error) => Err(anyhow::Error::from(error)),
+        };
+        match result {
             Ok(()) => break,
             Err(error) => {
-                tracing::error!(error = %error, retry_seconds = MIGRATION_RETRY.as_secs(), "queue migration failed; spooling fails until it succeeds");
+                tracing::error!(error = %format!("{error:#}"), retry_seconds = MIGRATION_RETRY.as_secs(), "queue migration failed; spooling fails until it succeeds");
             }
         }
         tokio::select! {
@@ -76,6 +142,16 @@ async fn maintain_queue(
             () = shutdown.cancelled() => return,
         }
     }
+
+    if let Some(settings) = &config.queue {
+        tokio::spawn(directory::watch(
+            settings.database.url.clone(),
+            directory,
+            config.directory_poll_interval,
+            shutdown.clone(),
+        ));
+    }
+
     loop {
         tokio::select! {
             () = tokio::time::sleep(janitor_interval) => {}
@@ -87,6 +163,25 @@ async fn maintain_queue(
             Err(error) => tracing::warn!(error = %error, "janitor failed"),
         }
     }
+}
+
+/// Enters `relay.local_domains` from the configuration into the directory as
+/// local domains, so accounts can be added for them.
+pub async fn seed_domains(queue: &Queue, config: &Config) -> anyhow::Result<()> {
+    let domains: Vec<String> = config.relay.local_domains.iter().cloned().collect();
+    if domains.is_empty() {
+        return Ok(());
+    }
+    let client = queue.pool().get().await?;
+    client
+        .execute(
+            "INSERT INTO directory_domains (name, kind)
+             SELECT unnest($1::text[]), 'local'
+             ON CONFLICT (name) DO NOTHING",
+            &[&domains],
+        )
+        .await?;
+    Ok(())
 }
 
 async fn wait_for_signal(shutdown: CancellationToken) {

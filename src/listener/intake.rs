@@ -17,9 +17,12 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use tokio::sync::Notify;
+
 use crate::config::Config;
+use crate::directory::Directory;
 use crate::passthrough::Relay;
-use crate::policy::{self, Action, Route};
+use crate::policy::{self, Action, DirectoryView, Route};
 use crate::queue::{self, Queue, SpoolRecipient, SpoolWriter};
 use crate::smtp::envelope::{Envelope, Recipient};
 use crate::smtp::reply::Reply;
@@ -29,6 +32,10 @@ use crate::smtp::session::{ClientInfo, Handler};
 pub struct Shared {
     pub config: Arc<Config>,
     pub queue: Option<Queue>,
+    /// The account directory; None when there is no queue database.
+    pub directory: Option<Arc<Directory>>,
+    /// Wakes the router of this process after a message was spooled.
+    pub router_wake: Option<Arc<Notify>>,
 }
 
 /// How the open transaction will be carried out.
@@ -258,8 +265,15 @@ impl Handler for Intake {
         envelope: &Envelope,
         recipient: &Recipient,
     ) -> Reply {
+        let snapshot = self.shared.directory.as_ref().and_then(|d| d.snapshot());
+        let view = match (&self.shared.directory, &snapshot) {
+            (None, _) => DirectoryView::Absent,
+            (Some(_), None) => DirectoryView::Loading,
+            (Some(_), Some(snapshot)) => DirectoryView::Ready(snapshot),
+        };
         let decision = policy::decide_recipient(
             &self.shared.config.relay,
+            view,
             client.peer.ip(),
             &recipient.address,
             recipient.bare_postmaster,
@@ -361,6 +375,9 @@ impl Handler for Intake {
             Sink::Spool(writer) => match writer.commit(&self.recipients).await {
                 Ok(()) => {
                     tracing::info!(queue_id = %envelope.queue_id(), recipients = self.recipients.len(), "spooled");
+                    if let Some(wake) = &self.shared.router_wake {
+                        wake.notify_one();
+                    }
                     Reply::queued(&envelope.queue_id())
                 }
                 Err(error) => {

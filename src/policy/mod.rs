@@ -29,7 +29,18 @@ use std::net::IpAddr;
 use address::{Address, Domain};
 
 use crate::config::RelayConfig;
+use crate::directory::{DomainEntry, DomainKind, Lookup, Snapshot, normalise_address};
 use crate::smtp::reply::Reply;
+
+/// The account directory as the decision sees it.
+#[derive(Clone, Copy, Debug)]
+pub enum DirectoryView<'a> {
+    /// No directory: there is no queue database.
+    Absent,
+    /// A directory exists but has not been loaded yet.
+    Loading,
+    Ready(&'a Snapshot),
+}
 
 /// Where an accepted recipient goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +94,7 @@ impl Decision {
 /// which is always accepted for local routing (RFC 5321 §4.5.1).
 pub fn decide_recipient(
     relay: &RelayConfig,
+    directory: DirectoryView<'_>,
     client: IpAddr,
     recipient: &Address,
     bare_postmaster: bool,
@@ -113,13 +125,27 @@ pub fn decide_recipient(
         Domain::Name(name) => name,
     };
 
-    if relay.local_domains.contains(name) {
-        let rule = if recipient.is_postmaster() {
-            "postmaster"
-        } else {
-            "local_domains"
+    let directory_entry = match directory {
+        DirectoryView::Ready(snapshot) => snapshot.domain(name).map(|entry| (snapshot, entry)),
+        DirectoryView::Absent | DirectoryView::Loading => None,
+    };
+    let configured_local = relay.local_domains.contains(name);
+    let directory_local = directory_entry.is_some_and(|(_, entry)| entry.kind != DomainKind::Relay);
+    if recipient.is_postmaster() && (configured_local || directory_local) {
+        return Decision::accept(Route::Local, "postmaster");
+    }
+
+    if let Some((snapshot, entry)) = directory_entry {
+        return decide_in_directory(snapshot, entry, name, recipient);
+    }
+    if configured_local {
+        return match directory {
+            DirectoryView::Absent => Decision::accept(Route::Local, "local_domains"),
+            // The RCPT path never waits on the database: until the directory
+            // is loaded, local recipients are deferred.
+            DirectoryView::Loading => Decision::reject(Reply::directory_unavailable(), "directory_loading"),
+            DirectoryView::Ready(_) => Decision::reject(Reply::unknown_user(), "unknown_user"),
         };
-        return Decision::accept(Route::Local, rule);
     }
     if let Some(group) = relay.relay_domains.get(name) {
         return Decision::accept(
@@ -133,6 +159,25 @@ pub fn decide_recipient(
             format!("relay_networks[{network}]"),
         ),
         _ => Decision::reject(Reply::relay_denied(), "no_relay"),
+    }
+}
+
+/// Decides a recipient whose domain is in the directory.
+fn decide_in_directory(snapshot: &Snapshot, entry: &DomainEntry, name: &str, recipient: &Address) -> Decision {
+    let group = entry.legacy_group.clone().unwrap_or_default();
+    if entry.kind == DomainKind::Relay {
+        return Decision::accept(Route::Group(group), format!("directory_relay[{name}]"));
+    }
+    let address = normalise_address(&recipient.to_smtp());
+    match snapshot.lookup(&address) {
+        Lookup::Account { account, .. } => Decision::accept(Route::Local, format!("account[{}]", account.name)),
+        Lookup::List { list, .. } => Decision::accept(Route::Local, format!("list[{}]", list.name)),
+        Lookup::Unknown { .. } if entry.kind == DomainKind::Migrating => {
+            Decision::accept(Route::Group(group), format!("migrating[{name}]"))
+        }
+        // No backscatter: an unknown local recipient is refused now rather
+        // than bounced later.
+        Lookup::Unknown { .. } | Lookup::NotInDirectory => Decision::reject(Reply::unknown_user(), "unknown_user"),
     }
 }
 
@@ -163,13 +208,73 @@ mod tests {
     }
 
     fn decide(client: &str, recipient: &str) -> Decision {
+        decide_with(DirectoryView::Absent, client, recipient)
+    }
+
+    fn decide_with(directory: DirectoryView<'_>, client: &str, recipient: &str) -> Decision {
         let address = Address::parse(recipient).expect("valid address");
-        decide_recipient(
-            &relay_config(),
-            client.parse().expect("ip"),
-            &address,
-            false,
-        )
+        decide_recipient(&relay_config(), directory, client.parse().expect("ip"), &address, false)
+    }
+
+    fn snapshot() -> Snapshot {
+        use crate::directory::{Account, Owner};
+        let mut snapshot = Snapshot::default();
+        for (name, kind, group) in [
+            ("example.com", DomainKind::Local, None),
+            ("old.example", DomainKind::Migrating, Some("legacy")),
+            ("passed.example", DomainKind::Relay, Some("legacy")),
+        ] {
+            snapshot.domains.insert(
+                name.to_string(),
+                DomainEntry {
+                    kind,
+                    legacy_group: group.map(str::to_string),
+                },
+            );
+        }
+        for (index, address) in ["alice@example.com", "moved@old.example"].iter().enumerate() {
+            snapshot.accounts.push(Account {
+                id: index as i64,
+                name: format!("account{index}"),
+                addresses: vec![address.to_string()],
+                mailbox: None,
+                forwards: vec![],
+                relay_group: None,
+                auto_reply: None,
+            });
+            snapshot.addresses.insert(address.to_string(), Owner::Account(index as u32));
+        }
+        snapshot
+    }
+
+    #[test]
+    fn directory_decisions() {
+        let snapshot = snapshot();
+        let ready = DirectoryView::Ready(&snapshot);
+        let cases = [
+            ("Alice@Example.COM", "local", "account[account0]"),
+            ("alice+tag@example.com", "local", "account[account0]"),
+            ("bob@example.com", "reject", "unknown_user"),
+            ("postmaster@example.com", "local", "postmaster"),
+            ("moved@old.example", "local", "account[account1]"),
+            ("other@old.example", "relay", "migrating[old.example]"),
+            ("anyone@passed.example", "relay", "directory_relay[passed.example]"),
+        ];
+        for (recipient, kind, rule) in cases {
+            let decision = decide_with(ready, "127.0.0.2", recipient);
+            assert_eq!(decision.kind(), kind, "{recipient}");
+            assert_eq!(decision.rule, rule, "{recipient}");
+        }
+        let unknown = decide_with(ready, "127.0.0.2", "bob@example.com");
+        assert_eq!(unknown.action, Action::Reject(Reply::unknown_user()));
+    }
+
+    #[test]
+    fn local_domain_waits_for_directory() {
+        let decision = decide_with(DirectoryView::Loading, "127.0.0.2", "alice@example.com");
+        assert_eq!(decision.action, Action::Reject(Reply::directory_unavailable()));
+        let decision = decide_with(DirectoryView::Loading, "127.0.0.2", "postmaster@example.com");
+        assert_eq!(decision.kind(), "local", "postmaster never waits");
     }
 
     #[test]

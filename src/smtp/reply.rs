@@ -380,6 +380,14 @@ impl Reply {
         Reply::new(550, Enhanced(5, 7, 1), "Relay access denied")
     }
 
+    pub fn unknown_user() -> Reply {
+        Reply::new(550, Enhanced(5, 1, 1), "Recipient address rejected: user unknown")
+    }
+
+    pub fn directory_unavailable() -> Reply {
+        Reply::new(451, Enhanced(4, 3, 0), "Recipient directory not available, try again later")
+    }
+
     pub fn routing_characters_denied() -> Reply {
         Reply::new(
             550,

@@ -10,6 +10,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use super::db::TestDb;
+use wsmtp::cli::serve::Role;
 use wsmtp::config::Config;
 use wsmtp::queue::{Queue, QueueConfig};
 
@@ -114,6 +115,7 @@ pub struct TestServer {
     pub db: Option<TestDb>,
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<()>>,
+    pub directory: Option<std::sync::Arc<wsmtp::directory::Directory>>,
 }
 
 impl TestServer {
@@ -139,16 +141,28 @@ impl TestServer {
             }
             None => None,
         };
+        if let Some(queue) = &queue {
+            seed_directory(queue).await;
+        }
         let shutdown = CancellationToken::new();
-        let (handle, addresses) = wsmtp::cli::serve::start_with_addresses(parsed, shutdown.clone())
+        let roles: &[Role] = if queue.is_some() {
+            &[Role::Listener, Role::Router]
+        } else {
+            &[Role::Listener]
+        };
+        let running = wsmtp::cli::serve::start(parsed, roles, shutdown.clone())
             .await
             .expect("start wsmtp");
+        if let Some(directory) = &running.directory {
+            wait_for_directory(directory).await;
+        }
         TestServer {
-            address: addresses[0],
+            address: running.addresses[0],
             queue,
             db,
             shutdown,
-            handle: Some(handle),
+            handle: Some(running.handle),
+            directory: running.directory,
         }
     }
 
@@ -190,6 +204,49 @@ impl TestServer {
             let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
         }
     }
+}
+
+/// Accounts every test server has: alice and carol at example.com, with
+/// Maildir mailboxes.
+pub const SEEDED_ACCOUNTS: &[&str] = &["alice", "carol"];
+
+async fn seed_directory(queue: &Queue) {
+    let client = queue.pool().get().await.expect("pooled connection");
+    client
+        .batch_execute("INSERT INTO directory_domains (name, kind) VALUES ('example.com', 'local') ON CONFLICT DO NOTHING")
+        .await
+        .expect("seed domain");
+    for name in SEEDED_ACCOUNTS {
+        let id: i64 = client
+            .query_one(
+                "INSERT INTO accounts (name, mailbox_kind, mailbox_target) VALUES ($1, 'maildir', $2) RETURNING id",
+                &[name, &format!("/tmp/wsmtp-test-maildir/{name}")],
+            )
+            .await
+            .expect("seed account")
+            .get(0);
+        client
+            .execute(
+                "INSERT INTO addresses (address, domain, account_id) VALUES ($1, 'example.com', $2)",
+                &[&format!("{name}@example.com"), &id],
+            )
+            .await
+            .expect("seed address");
+    }
+}
+
+/// Waits until the server's directory snapshot holds the seeded accounts.
+pub async fn wait_for_directory(directory: &wsmtp::directory::Directory) {
+    for _ in 0..200 {
+        if directory
+            .snapshot()
+            .is_some_and(|snapshot| snapshot.accounts.len() >= SEEDED_ACCOUNTS.len())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("the directory was not loaded within 5 s");
 }
 
 /// Queue settings for direct use in tests.

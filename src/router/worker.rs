@@ -1,0 +1,407 @@
+//! Router workers: claim spooled messages, resolve their recipients and
+//! write the deliveries, all of one message in one transaction.
+//!
+//! Claims follow the lease pattern: one statement locks up to N messages
+//! with queued recipients (`FOR NO KEY UPDATE SKIP LOCKED`, so two routers
+//! never take the same message) and gives all their queued recipients a lease
+//! (owner, deadline, a token that grows with every claim). The routing
+//! transaction updates the recipients only where owner and token still match:
+//! a router whose lease expired and was taken over writes nothing, so a
+//! message is never routed twice. A router that dies leaves its leases to
+//! expire, and another router finishes the work.
+//!
+//! Wake-ups: a listener in the same process signals [`Router::wake`] after
+//! each spooled message; otherwise routers poll every `poll_interval`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::resolve::{EnvelopeRecipient, MessageFacts, MessageRouting, ResolveLimits, plan_batches, resolve_message};
+use crate::directory::Directory;
+use crate::queue::{Queue, QueueId};
+
+/// Header section bytes read for loop detection and auto-replies.
+pub const MAX_HEADER_BYTES: usize = 256 * 1024;
+
+#[derive(Clone, Debug)]
+pub struct RouterSettings {
+    /// Concurrent claim loops in this process.
+    pub workers: usize,
+    /// Messages per claim.
+    pub claim_messages: i64,
+    pub lease: Duration,
+    /// Recipients per delivery batch.
+    pub batch_size: usize,
+    /// Nesting of lists and forwards.
+    pub max_depth: usize,
+    pub poll_interval: Duration,
+    /// Host name for generated messages.
+    pub hostname: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("queue database unavailable: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("queue database error: {0}")]
+    Database(#[from] tokio_postgres::Error),
+    #[error("the directory is not loaded yet")]
+    DirectoryNotLoaded,
+    #[error("lease on message {0} was lost to another router; its routing was discarded")]
+    LeaseLost(String),
+}
+
+/// One claimed recipient and its lease token.
+#[derive(Clone, Debug)]
+struct Claimed {
+    recipient: EnvelopeRecipient,
+    token: i64,
+}
+
+pub struct Router {
+    queue: Queue,
+    directory: Arc<Directory>,
+    settings: RouterSettings,
+    owner: String,
+    wake: Arc<Notify>,
+}
+
+impl Router {
+    pub fn new(queue: Queue, directory: Arc<Directory>, settings: RouterSettings) -> Router {
+        let owner = format!("{}:{}:{}", settings.hostname, std::process::id(), uuid::Uuid::now_v7().simple());
+        Router {
+            queue,
+            directory,
+            settings,
+            owner,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// A handle that wakes idle workers when a message was spooled.
+    pub fn wake_handle(&self) -> Arc<Notify> {
+        Arc::clone(&self.wake)
+    }
+
+    /// Runs the workers until `shutdown`; in-flight messages finish first.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut workers = Vec::new();
+        for worker in 0..self.settings.workers.max(1) {
+            let router = Arc::clone(&self);
+            let shutdown = shutdown.clone();
+            workers.push(tokio::spawn(async move { router.worker_loop(worker, shutdown).await }));
+        }
+        for worker in workers {
+            let _ = worker.await;
+        }
+    }
+
+    async fn worker_loop(&self, worker: usize, shutdown: CancellationToken) {
+        tracing::info!(worker, owner = %self.owner, "router worker started");
+        let mut failures: u32 = 0;
+        while !shutdown.is_cancelled() {
+            let routed = match self.route_batch().await {
+                Ok(routed) => {
+                    failures = 0;
+                    routed
+                }
+                Err(RouterError::DirectoryNotLoaded) => 0,
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    // Repeated failures are logged once per ten to avoid floods.
+                    if failures == 1 || failures % 10 == 0 {
+                        tracing::warn!(worker, error = %error, failures, "routing failed; retrying");
+                    }
+                    0
+                }
+            };
+            if routed > 0 {
+                continue;
+            }
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+    }
+
+    /// Claims up to `claim_messages` messages and routes each. Returns how
+    /// many were routed.
+    pub async fn route_batch(&self) -> Result<usize, RouterError> {
+        let Some(_) = self.directory.snapshot() else {
+            return Err(RouterError::DirectoryNotLoaded);
+        };
+        let claimed = self.claim().await?;
+        let count = claimed.len();
+        for (message_id, recipients) in claimed {
+            if let Err(error) = self.route_message(message_id, recipients).await {
+                tracing::warn!(queue_id = %message_id.simple(), error = %error, "message not routed; its lease will expire and it is retried");
+            }
+        }
+        Ok(count)
+    }
+
+    async fn claim(&self) -> Result<BTreeMap<QueueId, Vec<Claimed>>, RouterError> {
+        let client = self.queue.pool().get().await?;
+        let lease_seconds = self.settings.lease.as_secs_f64();
+        let rows = client
+            .query(
+                "WITH picked AS (
+                     SELECT m.id FROM messages m
+                      WHERE m.state = 'ready'
+                        AND EXISTS (SELECT 1 FROM recipients r
+                                     WHERE r.message_id = m.id AND r.state = 'queued'
+                                       AND (r.lease_until IS NULL OR r.lease_until < now()))
+                      ORDER BY m.id
+                      LIMIT $1
+                      FOR NO KEY UPDATE SKIP LOCKED
+                 )
+                 UPDATE recipients r
+                    SET lease_owner = $2,
+                        lease_until = now() + make_interval(secs => $3),
+                        lease_token = r.lease_token + 1
+                   FROM picked
+                  WHERE r.message_id = picked.id AND r.state = 'queued'
+                    AND (r.lease_until IS NULL OR r.lease_until < now())
+              RETURNING r.message_id, r.id, r.address, r.route_group, r.orcpt, r.notify, r.lease_token",
+                &[&self.settings.claim_messages, &self.owner, &lease_seconds],
+            )
+            .await?;
+        let mut claimed: BTreeMap<QueueId, Vec<Claimed>> = BTreeMap::new();
+        for row in rows {
+            claimed.entry(row.get(0)).or_default().push(Claimed {
+                recipient: EnvelopeRecipient {
+                    id: row.get(1),
+                    address: row.get(2),
+                    route_group: row.get(3),
+                    orcpt: row.get(4),
+                    notify: row.get(5),
+                },
+                token: row.get(6),
+            });
+        }
+        for recipients in claimed.values_mut() {
+            recipients.sort_by_key(|c| c.recipient.id);
+        }
+        Ok(claimed)
+    }
+
+    /// Reads the sender and the start of the header section of a message.
+    async fn message_facts(&self, client: &deadpool_postgres::Object, message_id: QueueId) -> Result<(String, Vec<u8>), RouterError> {
+        let sender: String = client
+            .query_one("SELECT sender FROM messages WHERE id = $1", &[&message_id])
+            .await?
+            .get(0);
+        let mut headers = Vec::new();
+        let mut seq = 0i32;
+        while headers.len() < MAX_HEADER_BYTES {
+            let Some(row) = client
+                .query_opt(
+                    "SELECT substring(data FROM 1 FOR $3) FROM message_chunks WHERE message_id = $1 AND seq = $2",
+                    &[&message_id, &seq, &((MAX_HEADER_BYTES - headers.len()) as i32)],
+                )
+                .await?
+            else {
+                break;
+            };
+            let data: Vec<u8> = row.get(0);
+            headers.extend_from_slice(&data);
+            if let Some(end) = header_end(&headers) {
+                headers.truncate(end);
+                break;
+            }
+            seq += 1;
+        }
+        Ok((sender, headers))
+    }
+
+    async fn route_message(&self, message_id: QueueId, claimed: Vec<Claimed>) -> Result<(), RouterError> {
+        let started = Instant::now();
+        let snapshot = self.directory.snapshot().ok_or(RouterError::DirectoryNotLoaded)?;
+        let mut client = self.queue.pool().get().await?;
+        let (sender, headers) = self.message_facts(&client, message_id).await?;
+        let delivered_to = delivered_to_addresses(&headers);
+        let facts = MessageFacts {
+            sender: &sender,
+            delivered_to: &delivered_to,
+        };
+        let recipients: Vec<EnvelopeRecipient> = claimed.iter().map(|c| c.recipient.clone()).collect();
+        let routing = resolve_message(
+            &snapshot,
+            &facts,
+            &recipients,
+            ResolveLimits {
+                max_depth: self.settings.max_depth,
+            },
+        );
+
+        let transaction = client.transaction().await?;
+        let batches = write_deliveries(&transaction, message_id, &routing, self.settings.batch_size).await?;
+        let updated = mark_recipients(&transaction, &self.owner, &claimed, &routing).await?;
+        if updated != claimed.len() as u64 {
+            transaction.rollback().await?;
+            return Err(RouterError::LeaseLost(message_id.simple().to_string()));
+        }
+        transaction.commit().await?;
+
+        for event in &routing.events {
+            tracing::warn!(queue_id = %message_id.simple(), event = %event, "routing event");
+        }
+        for outcome in &routing.outcomes {
+            tracing::info!(
+                queue_id = %message_id.simple(),
+                recipient_id = outcome.recipient_id,
+                resolution = %outcome.resolution,
+                "recipient routed"
+            );
+        }
+        tracing::info!(
+            queue_id = %message_id.simple(),
+            recipients = claimed.len(),
+            deliveries = routing.deliveries.len(),
+            batches,
+            failed = routing.outcomes.iter().filter(|o| o.failure.is_some()).count(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "message routed"
+        );
+        Ok(())
+    }
+}
+
+/// Inserts batches and their deliveries; returns the number of batches.
+async fn write_deliveries(
+    transaction: &tokio_postgres::Transaction<'_>,
+    message_id: QueueId,
+    routing: &MessageRouting,
+    batch_size: usize,
+) -> Result<usize, RouterError> {
+    let batches = plan_batches(&routing.deliveries, batch_size);
+    for batch in &batches {
+        let first = &routing.deliveries[batch[0]];
+        let batch_id: i64 = transaction
+            .query_one(
+                "INSERT INTO delivery_batches (message_id, destination, sender, recipients)
+                 VALUES ($1, $2, $3, $4) RETURNING id",
+                &[&message_id, &first.destination, &first.sender, &(batch.len() as i32)],
+            )
+            .await?
+            .get(0);
+
+        let mut recipient_ids = Vec::with_capacity(batch.len());
+        let mut addresses = Vec::with_capacity(batch.len());
+        let mut kinds = Vec::with_capacity(batch.len());
+        let mut destinations = Vec::with_capacity(batch.len());
+        let mut prefixes: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
+        let mut traces = Vec::with_capacity(batch.len());
+        let mut orcpts = Vec::with_capacity(batch.len());
+        let mut notifies = Vec::with_capacity(batch.len());
+        for index in batch {
+            let delivery = &routing.deliveries[*index];
+            recipient_ids.push(delivery.recipient_id);
+            addresses.push(delivery.address.as_str());
+            kinds.push(delivery.kind.as_str());
+            destinations.push(delivery.destination.as_str());
+            prefixes.push(delivery.header_prefix.as_bytes().to_vec());
+            traces.push(delivery.trace.as_str());
+            orcpts.push(delivery.orcpt.as_deref());
+            notifies.push(delivery.notify.as_deref());
+        }
+        transaction
+            .execute(
+                "INSERT INTO deliveries
+                     (message_id, batch_id, recipient_id, address, kind, destination, header_prefix, trace, orcpt, notify)
+                 SELECT $1, $2, * FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::bytea[],
+                                              $8::text[], $9::text[], $10::text[])",
+                &[
+                    &message_id,
+                    &batch_id,
+                    &recipient_ids,
+                    &addresses,
+                    &kinds,
+                    &destinations,
+                    &prefixes,
+                    &traces,
+                    &orcpts,
+                    &notifies,
+                ],
+            )
+            .await?;
+    }
+    Ok(batches.len())
+}
+
+/// Marks the claimed recipients routed or failed, where the lease still
+/// matches; returns how many rows matched.
+async fn mark_recipients(
+    transaction: &tokio_postgres::Transaction<'_>,
+    owner: &str,
+    claimed: &[Claimed],
+    routing: &MessageRouting,
+) -> Result<u64, RouterError> {
+    let mut ids = Vec::with_capacity(claimed.len());
+    let mut tokens = Vec::with_capacity(claimed.len());
+    let mut states = Vec::with_capacity(claimed.len());
+    let mut resolutions = Vec::with_capacity(claimed.len());
+    for entry in claimed {
+        let outcome = routing.outcomes.iter().find(|o| o.recipient_id == entry.recipient.id);
+        ids.push(entry.recipient.id);
+        tokens.push(entry.token);
+        let failed = outcome.is_some_and(|o| o.failure.is_some());
+        states.push(if failed { "failed" } else { "routed" });
+        resolutions.push(outcome.map(|o| o.resolution.clone()).unwrap_or_default());
+    }
+    let updated = transaction
+        .execute(
+            "UPDATE recipients r
+                SET state = u.state, resolution = u.resolution, lease_owner = NULL, lease_until = NULL,
+                    last_reply = CASE WHEN u.state = 'failed' THEN u.resolution ELSE r.last_reply END
+               FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[]) AS u(id, token, state, resolution)
+              WHERE r.id = u.id AND r.lease_token = u.token AND r.lease_owner = $5 AND r.state = 'queued'",
+            &[&ids, &tokens, &states, &resolutions, &owner],
+        )
+        .await?;
+    Ok(updated)
+}
+
+/// The offset just past the blank line that ends the header section.
+pub fn header_end(data: &[u8]) -> Option<usize> {
+    data.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+}
+
+/// Addresses named in Delivered-To header fields, lowercased.
+pub fn delivered_to_addresses(headers: &[u8]) -> HashSet<String> {
+    let mut found = HashSet::new();
+    for line in headers.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        if !line[..colon].eq_ignore_ascii_case(b"delivered-to") {
+            continue;
+        }
+        let value = String::from_utf8_lossy(&line[colon + 1..]).trim().trim_matches(['<', '>']).to_lowercase();
+        if !value.is_empty() {
+            found.insert(value);
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delivered_to_fields_are_collected() {
+        let headers = b"Received: x\r\nDelivered-To: Alice@Example.com\r\ndelivered-to: <bob@example.com>\r\nSubject: Delivered-To: no\r\n\r\n";
+        let found = delivered_to_addresses(headers);
+        assert!(found.contains("alice@example.com"));
+        assert!(found.contains("bob@example.com"));
+        assert_eq!(found.len(), 2);
+    }
+}
