@@ -538,8 +538,15 @@ fn convert_router(raw: &RawRouter, checker: &mut Checker) -> RouterConfig {
     let hour = Duration::from_secs(3600);
     RouterConfig {
         workers: checker.bounded("router.workers", &raw.workers, 2, 1, 256) as usize,
-        claim_messages: checker.bounded("router.claim_messages", &raw.claim_messages, 16, 1, 10_000) as usize,
-        lease: checker.duration("router.lease", &raw.lease, Duration::from_secs(300), Duration::from_secs(1), hour),
+        claim_messages: checker.bounded("router.claim_messages", &raw.claim_messages, 16, 1, 10_000)
+            as usize,
+        lease: checker.duration(
+            "router.lease",
+            &raw.lease,
+            Duration::from_secs(300),
+            Duration::from_secs(1),
+            hour,
+        ),
         batch_size: checker.bounded("router.batch_size", &raw.batch_size, 20, 1, 1000) as usize,
         max_depth: checker.bounded("router.max_depth", &raw.max_depth, 10, 1, 100) as usize,
         poll_interval: checker.duration(

@@ -39,7 +39,12 @@ pub enum Command {
     /// Run the SMTP listener and the router (applies queue migrations at start).
     Serve {
         /// Tiers to run, comma-separated.
-        #[arg(long, value_enum, value_delimiter = ',', default_value = "listener,router")]
+        #[arg(
+            long,
+            value_enum,
+            value_delimiter = ',',
+            default_value = "listener,router"
+        )]
         roles: Vec<serve::Role>,
     },
     /// Validate the configuration and print every problem with its key and line.
@@ -76,7 +81,9 @@ pub enum QueueCommand {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Check => check(&cli.config),
-        Command::Serve { roles } => with_config(&cli.config, |config| runtime(serve::serve(config, roles))),
+        Command::Serve { roles } => {
+            with_config(&cli.config, |config| runtime(serve::serve(config, roles)))
+        }
         Command::Migrate => with_config(&cli.config, |config| {
             runtime(queue_commands::migrate(config))
         }),

@@ -96,6 +96,28 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
                     recipient.last_reply.as_deref().unwrap_or("-")
                 );
             }
+            for recipient in &message.recipients {
+                if let Some(resolution) = &recipient.resolution {
+                    println!("  <{}> resolved to: {resolution}", recipient.address);
+                }
+            }
+            if !message.deliveries.is_empty() {
+                println!("deliveries:");
+                let mut batch = None;
+                for delivery in &message.deliveries {
+                    if batch != Some(delivery.batch_id) {
+                        batch = Some(delivery.batch_id);
+                        println!(
+                            "  batch {}  {}  sender=<{}>",
+                            delivery.batch_id, delivery.destination, delivery.sender
+                        );
+                    }
+                    println!(
+                        "    <{}>  {}  state={}  via {}",
+                        delivery.address, delivery.kind, delivery.state, delivery.trace
+                    );
+                }
+            }
             if body {
                 let content = queue.read_body(id).await?;
                 println!("content ({} octets):", content.len());

@@ -44,11 +44,17 @@ pub async fn serve(config: Config, roles: Vec<Role>) -> anyhow::Result<()> {
 }
 
 /// Starts the given roles and returns at once.
-pub async fn start(config: Config, roles: &[Role], shutdown: CancellationToken) -> anyhow::Result<Running> {
+pub async fn start(
+    config: Config,
+    roles: &[Role],
+    shutdown: CancellationToken,
+) -> anyhow::Result<Running> {
     let wants_router = roles.contains(&Role::Router);
     let wants_listener = roles.contains(&Role::Listener);
     if wants_router && config.queue.is_none() {
-        anyhow::bail!("the router role needs a queue database: add a queue section or set DATABASE_URL");
+        anyhow::bail!(
+            "the router role needs a queue database: add a queue section or set DATABASE_URL"
+        );
     }
 
     let queue = match &config.queue {

@@ -143,7 +143,9 @@ pub fn decide_recipient(
             DirectoryView::Absent => Decision::accept(Route::Local, "local_domains"),
             // The RCPT path never waits on the database: until the directory
             // is loaded, local recipients are deferred.
-            DirectoryView::Loading => Decision::reject(Reply::directory_unavailable(), "directory_loading"),
+            DirectoryView::Loading => {
+                Decision::reject(Reply::directory_unavailable(), "directory_loading")
+            }
             DirectoryView::Ready(_) => Decision::reject(Reply::unknown_user(), "unknown_user"),
         };
     }
@@ -163,21 +165,30 @@ pub fn decide_recipient(
 }
 
 /// Decides a recipient whose domain is in the directory.
-fn decide_in_directory(snapshot: &Snapshot, entry: &DomainEntry, name: &str, recipient: &Address) -> Decision {
+fn decide_in_directory(
+    snapshot: &Snapshot,
+    entry: &DomainEntry,
+    name: &str,
+    recipient: &Address,
+) -> Decision {
     let group = entry.legacy_group.clone().unwrap_or_default();
     if entry.kind == DomainKind::Relay {
         return Decision::accept(Route::Group(group), format!("directory_relay[{name}]"));
     }
     let address = normalise_address(&recipient.to_smtp());
     match snapshot.lookup(&address) {
-        Lookup::Account { account, .. } => Decision::accept(Route::Local, format!("account[{}]", account.name)),
+        Lookup::Account { account, .. } => {
+            Decision::accept(Route::Local, format!("account[{}]", account.name))
+        }
         Lookup::List { list, .. } => Decision::accept(Route::Local, format!("list[{}]", list.name)),
         Lookup::Unknown { .. } if entry.kind == DomainKind::Migrating => {
             Decision::accept(Route::Group(group), format!("migrating[{name}]"))
         }
         // No backscatter: an unknown local recipient is refused now rather
         // than bounced later.
-        Lookup::Unknown { .. } | Lookup::NotInDirectory => Decision::reject(Reply::unknown_user(), "unknown_user"),
+        Lookup::Unknown { .. } | Lookup::NotInDirectory => {
+            Decision::reject(Reply::unknown_user(), "unknown_user")
+        }
     }
 }
 
@@ -213,7 +224,13 @@ mod tests {
 
     fn decide_with(directory: DirectoryView<'_>, client: &str, recipient: &str) -> Decision {
         let address = Address::parse(recipient).expect("valid address");
-        decide_recipient(&relay_config(), directory, client.parse().expect("ip"), &address, false)
+        decide_recipient(
+            &relay_config(),
+            directory,
+            client.parse().expect("ip"),
+            &address,
+            false,
+        )
     }
 
     fn snapshot() -> Snapshot {
@@ -232,7 +249,10 @@ mod tests {
                 },
             );
         }
-        for (index, address) in ["alice@example.com", "moved@old.example"].iter().enumerate() {
+        for (index, address) in ["alice@example.com", "moved@old.example"]
+            .iter()
+            .enumerate()
+        {
             snapshot.accounts.push(Account {
                 id: index as i64,
                 name: format!("account{index}"),
@@ -242,7 +262,9 @@ mod tests {
                 relay_group: None,
                 auto_reply: None,
             });
-            snapshot.addresses.insert(address.to_string(), Owner::Account(index as u32));
+            snapshot
+                .addresses
+                .insert(address.to_string(), Owner::Account(index as u32));
         }
         snapshot
     }
@@ -258,7 +280,11 @@ mod tests {
             ("postmaster@example.com", "local", "postmaster"),
             ("moved@old.example", "local", "account[account1]"),
             ("other@old.example", "relay", "migrating[old.example]"),
-            ("anyone@passed.example", "relay", "directory_relay[passed.example]"),
+            (
+                "anyone@passed.example",
+                "relay",
+                "directory_relay[passed.example]",
+            ),
         ];
         for (recipient, kind, rule) in cases {
             let decision = decide_with(ready, "127.0.0.2", recipient);
@@ -272,8 +298,15 @@ mod tests {
     #[test]
     fn local_domain_waits_for_directory() {
         let decision = decide_with(DirectoryView::Loading, "127.0.0.2", "alice@example.com");
-        assert_eq!(decision.action, Action::Reject(Reply::directory_unavailable()));
-        let decision = decide_with(DirectoryView::Loading, "127.0.0.2", "postmaster@example.com");
+        assert_eq!(
+            decision.action,
+            Action::Reject(Reply::directory_unavailable())
+        );
+        let decision = decide_with(
+            DirectoryView::Loading,
+            "127.0.0.2",
+            "postmaster@example.com",
+        );
         assert_eq!(decision.kind(), "local", "postmaster never waits");
     }
 

@@ -50,6 +50,24 @@ pub struct MessageDetail {
     pub expires_at: OffsetDateTime,
     /// Recipients in the order `commit` received them.
     pub recipients: Vec<RecipientDetail>,
+    /// Deliveries the router planned, ordered by batch.
+    pub deliveries: Vec<DeliveryDetail>,
+}
+
+/// One delivery of a routed message.
+#[derive(Clone, Debug)]
+pub struct DeliveryDetail {
+    pub batch_id: i64,
+    pub destination: String,
+    /// Reverse-path of the batch ("" for <>).
+    pub sender: String,
+    pub address: String,
+    pub kind: String,
+    pub state: String,
+    /// How the router reached the address.
+    pub trace: String,
+    /// The envelope recipient it came from.
+    pub recipient_id: i64,
 }
 
 /// One recipient of a message with its delivery state.
@@ -64,6 +82,8 @@ pub struct RecipientDetail {
     pub attempts: i32,
     pub next_attempt_at: OffsetDateTime,
     pub last_reply: Option<String>,
+    /// What the router resolved the recipient to.
+    pub resolution: Option<String>,
 }
 
 impl Queue {
@@ -127,10 +147,33 @@ impl Queue {
             return Ok(None);
         };
 
+        let delivery_rows = tx
+            .query(
+                "SELECT d.batch_id, b.destination, b.sender, d.address, d.kind, d.state, d.trace, d.recipient_id
+                   FROM deliveries d JOIN delivery_batches b ON b.id = d.batch_id
+                  WHERE d.message_id = $1 ORDER BY d.batch_id, d.address",
+                &[&id],
+            )
+            .await
+            .map_err(|e| QueueError::from_pg(ACTION, e))?;
+        let deliveries = delivery_rows
+            .iter()
+            .map(|r| DeliveryDetail {
+                batch_id: r.get(0),
+                destination: r.get(1),
+                sender: r.get(2),
+                address: r.get(3),
+                kind: r.get(4),
+                state: r.get(5),
+                trace: r.get(6),
+                recipient_id: r.get(7),
+            })
+            .collect();
+
         let recipient_rows = tx
             .query(
                 "SELECT id, address, route_group, orcpt, notify, state, attempts,
-                        next_attempt_at, last_reply
+                        next_attempt_at, last_reply, resolution
                    FROM recipients WHERE message_id = $1 ORDER BY id",
                 &[&id],
             )
@@ -152,6 +195,7 @@ impl Queue {
                 attempts: r.get(6),
                 next_attempt_at: r.get(7),
                 last_reply: r.get(8),
+                resolution: r.get(9),
             })
             .collect();
 
@@ -173,6 +217,7 @@ impl Queue {
             ready_at: row.get(13),
             expires_at: row.get(14),
             recipients,
+            deliveries,
         }))
     }
 

@@ -158,7 +158,14 @@ pub fn resolve_message(
         let failure = match &recipient.route_group {
             Some(group) => {
                 let address = normalise_address(&recipient.address);
-                expansion.plan(recipients, &step, &address, DeliveryKind::Relay, format!("group:{group}"), format!("route group {group}"));
+                expansion.plan(
+                    recipients,
+                    &step,
+                    &address,
+                    DeliveryKind::Relay,
+                    format!("group:{group}"),
+                    format!("route group {group}"),
+                );
                 None
             }
             None => expansion.resolve(recipients, &step, &normalise_address(&recipient.address)),
@@ -176,7 +183,11 @@ pub fn resolve_message(
         if replies > 0 {
             resolution.push_str("; auto-reply");
         }
-        let failure = if produced.is_empty() && replies == 0 { failure } else { None };
+        let failure = if produced.is_empty() && replies == 0 {
+            failure
+        } else {
+            None
+        };
         expansion.routing.outcomes.push(RecipientOutcome {
             recipient_id: recipient.id,
             resolution: match &failure {
@@ -191,18 +202,30 @@ pub fn resolve_message(
 
 impl Expansion<'_> {
     /// Resolves one address; returns a failure reason when it leads nowhere.
-    fn resolve(&mut self, recipients: &[EnvelopeRecipient], step: &Step, address: &str) -> Option<String> {
+    fn resolve(
+        &mut self,
+        recipients: &[EnvelopeRecipient],
+        step: &Step,
+        address: &str,
+    ) -> Option<String> {
         let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
         match self.snapshot.lookup(address) {
-            Lookup::Account { account, .. } => self.resolve_account(recipients, step, account, address),
+            Lookup::Account { account, .. } => {
+                self.resolve_account(recipients, step, account, address)
+            }
             Lookup::List { list, matched } => {
                 let key = format!("list {}", list.name);
                 if step.path.contains(&key) {
-                    self.routing.events.push(format!("list cycle: {} > {key}", step.path.join(" > ")));
+                    self.routing
+                        .events
+                        .push(format!("list cycle: {} > {key}", step.path.join(" > ")));
                     return None;
                 }
                 if step.depth >= self.limits.max_depth {
-                    self.routing.events.push(format!("expansion depth {} reached at {matched}", self.limits.max_depth));
+                    self.routing.events.push(format!(
+                        "expansion depth {} reached at {matched}",
+                        self.limits.max_depth
+                    ));
                     return Some(format!("expansion depth limit reached at {matched}"));
                 }
                 let mut next = step.clone();
@@ -216,16 +239,30 @@ impl Expansion<'_> {
                 for member in &list.members {
                     let member = normalise_address(member);
                     if let Some(reason) = self.resolve(recipients, &next, &member) {
-                        self.routing.events.push(format!("list {} member {member}: {reason}", list.name));
+                        self.routing
+                            .events
+                            .push(format!("list {} member {member}: {reason}", list.name));
                     }
                 }
                 None
             }
             Lookup::Unknown { domain: entry } => match (entry.kind, &entry.legacy_group) {
-                (DomainKind::Local, _) | (_, None) => Some(format!("5.1.1 no such user: {address}")),
+                (DomainKind::Local, _) | (_, None) => {
+                    Some(format!("5.1.1 no such user: {address}"))
+                }
                 (DomainKind::Relay | DomainKind::Migrating, Some(group)) => {
-                    let trace = join_trace(&step.trace, &format!("{} domain {domain}", entry.kind.as_str()));
-                    self.plan(recipients, step, address, DeliveryKind::Relay, format!("group:{group}"), trace);
+                    let trace = join_trace(
+                        &step.trace,
+                        &format!("{} domain {domain}", entry.kind.as_str()),
+                    );
+                    self.plan(
+                        recipients,
+                        step,
+                        address,
+                        DeliveryKind::Relay,
+                        format!("group:{group}"),
+                        trace,
+                    );
                     None
                 }
             },
@@ -234,7 +271,14 @@ impl Expansion<'_> {
                     return Some(format!("5.1.3 address without a domain: {address}"));
                 }
                 let trace = join_trace(&step.trace, "remote");
-                self.plan(recipients, step, address, DeliveryKind::Remote, format!("domain:{domain}"), trace);
+                self.plan(
+                    recipients,
+                    step,
+                    address,
+                    DeliveryKind::Remote,
+                    format!("domain:{domain}"),
+                    trace,
+                );
                 None
             }
         }
@@ -249,7 +293,9 @@ impl Expansion<'_> {
     ) -> Option<String> {
         let key = format!("account {}", account.name);
         if step.path.contains(&key) {
-            self.routing.events.push(format!("forward cycle: {} > {key}", step.path.join(" > ")));
+            self.routing
+                .events
+                .push(format!("forward cycle: {} > {key}", step.path.join(" > ")));
             return None;
         }
         let trace = join_trace(&step.trace, &key);
@@ -262,19 +308,38 @@ impl Expansion<'_> {
             methods += 1;
             let mut inner = step.clone();
             inner.header_prefix = format!("{}Delivered-To: {address}\r\n", step.header_prefix);
-            self.plan(recipients, &inner, &address, DeliveryKind::Mailbox, mailbox.destination(), format!("{trace} > mailbox"));
+            self.plan(
+                recipients,
+                &inner,
+                &address,
+                DeliveryKind::Mailbox,
+                mailbox.destination(),
+                format!("{trace} > mailbox"),
+            );
         }
         if let Some(group) = &account.relay_group {
             methods += 1;
-            self.plan(recipients, step, &address, DeliveryKind::Relay, format!("group:{group}"), format!("{trace} > relay {group}"));
+            self.plan(
+                recipients,
+                step,
+                &address,
+                DeliveryKind::Relay,
+                format!("group:{group}"),
+                format!("{trace} > relay {group}"),
+            );
         }
         if !account.forwards.is_empty() {
             methods += 1;
             if self.facts.delivered_to.contains(&address) {
                 // A copy forwarded earlier came back: the second pass stops.
-                self.routing.events.push(format!("forward loop: message already delivered to {address}"));
+                self.routing.events.push(format!(
+                    "forward loop: message already delivered to {address}"
+                ));
             } else if step.depth >= self.limits.max_depth {
-                self.routing.events.push(format!("expansion depth {} reached at {address}", self.limits.max_depth));
+                self.routing.events.push(format!(
+                    "expansion depth {} reached at {address}",
+                    self.limits.max_depth
+                ));
             } else {
                 let mut next = step.clone();
                 next.depth += 1;
@@ -284,7 +349,9 @@ impl Expansion<'_> {
                 for target in &account.forwards {
                     let target = normalise_address(target);
                     if let Some(reason) = self.resolve(recipients, &next, &target) {
-                        self.routing.events.push(format!("forward of {} to {target}: {reason}", account.name));
+                        self.routing
+                            .events
+                            .push(format!("forward of {} to {target}: {reason}", account.name));
                     }
                 }
             }
@@ -292,7 +359,12 @@ impl Expansion<'_> {
         if let Some(reply) = &account.auto_reply {
             if !step.via_list && reply.enabled {
                 methods += 1;
-                let index = self.snapshot.accounts.iter().position(|a| a.id == account.id).unwrap_or(0);
+                let index = self
+                    .snapshot
+                    .accounts
+                    .iter()
+                    .position(|a| a.id == account.id)
+                    .unwrap_or(0);
                 let already = self.routing.auto_replies.iter().any(|r| r.account == index);
                 if !already {
                     self.routing.auto_replies.push(PlannedAutoReply {
@@ -304,13 +376,27 @@ impl Expansion<'_> {
             }
         }
         if methods == 0 {
-            return Some(format!("5.1.1 account {} has no delivery method", account.name));
+            return Some(format!(
+                "5.1.1 account {} has no delivery method",
+                account.name
+            ));
         }
         None
     }
 
-    fn plan(&mut self, recipients: &[EnvelopeRecipient], step: &Step, address: &str, kind: DeliveryKind, destination: String, trace: String) {
-        if !self.planned.insert((address.to_string(), destination.clone())) {
+    fn plan(
+        &mut self,
+        recipients: &[EnvelopeRecipient],
+        step: &Step,
+        address: &str,
+        kind: DeliveryKind,
+        destination: String,
+        trace: String,
+    ) {
+        if !self
+            .planned
+            .insert((address.to_string(), destination.clone()))
+        {
             return;
         }
         let recipient = &recipients[step.recipient];
@@ -324,7 +410,11 @@ impl Expansion<'_> {
             trace,
             // ORCPT and NOTIFY belong to the envelope recipient (RFC 3461 §4.2);
             // they pass to deliveries of the same address only.
-            orcpt: if step.depth == 0 { recipient.orcpt.clone() } else { None },
+            orcpt: if step.depth == 0 {
+                recipient.orcpt.clone()
+            } else {
+                None
+            },
             notify: recipient.notify.clone(),
         });
     }
@@ -351,7 +441,9 @@ pub fn plan_batches(deliveries: &[PlannedDelivery], batch_size: usize) -> Vec<Ve
         let delivery = &deliveries[index];
         let joins = batches.last().is_some_and(|batch| {
             let first = &deliveries[batch[0]];
-            batch.len() < batch_size.max(1) && first.destination == delivery.destination && first.sender == delivery.sender
+            batch.len() < batch_size.max(1)
+                && first.destination == delivery.destination
+                && first.sender == delivery.sender
         });
         match batches.last_mut() {
             Some(batch) if joins => batch.push(index),

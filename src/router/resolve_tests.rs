@@ -1,7 +1,9 @@
 use std::collections::HashSet;
 
 use super::*;
-use crate::directory::{Account, AutoReply, AutoReplyKind, DomainEntry, DomainKind, List, Mailbox, Owner, Snapshot};
+use crate::directory::{
+    Account, AutoReply, AutoReplyKind, DomainEntry, DomainKind, List, Mailbox, Owner, Snapshot,
+};
 
 fn domain(snapshot: &mut Snapshot, name: &str, kind: DomainKind, group: Option<&str>) {
     snapshot.domains.insert(
@@ -13,7 +15,13 @@ fn domain(snapshot: &mut Snapshot, name: &str, kind: DomainKind, group: Option<&
     );
 }
 
-fn account(snapshot: &mut Snapshot, name: &str, addresses: &[&str], mailbox: bool, forwards: &[&str]) -> usize {
+fn account(
+    snapshot: &mut Snapshot,
+    name: &str,
+    addresses: &[&str],
+    mailbox: bool,
+    forwards: &[&str],
+) -> usize {
     let index = snapshot.accounts.len();
     snapshot.accounts.push(Account {
         id: index as i64 + 1,
@@ -25,7 +33,9 @@ fn account(snapshot: &mut Snapshot, name: &str, addresses: &[&str], mailbox: boo
         auto_reply: None,
     });
     for address in addresses {
-        snapshot.addresses.insert(address.to_string(), Owner::Account(index as u32));
+        snapshot
+            .addresses
+            .insert(address.to_string(), Owner::Account(index as u32));
     }
     index
 }
@@ -39,7 +49,9 @@ fn list(snapshot: &mut Snapshot, name: &str, address: &str, members: &[&str]) {
         owner: format!("owner-{name}@example.com"),
         members: members.iter().map(|a| a.to_string()).collect(),
     });
-    snapshot.addresses.insert(address.to_string(), Owner::List(index as u32));
+    snapshot
+        .addresses
+        .insert(address.to_string(), Owner::List(index as u32));
 }
 
 fn recipients(addresses: &[&str]) -> Vec<EnvelopeRecipient> {
@@ -62,7 +74,12 @@ fn route(snapshot: &Snapshot, addresses: &[&str], delivered_to: &[&str]) -> Mess
         sender: "sender@example.org",
         delivered_to: &delivered,
     };
-    resolve_message(snapshot, &facts, &recipients(addresses), ResolveLimits { max_depth: 10 })
+    resolve_message(
+        snapshot,
+        &facts,
+        &recipients(addresses),
+        ResolveLimits { max_depth: 10 },
+    )
 }
 
 fn summary(routing: &MessageRouting) -> Vec<(String, &'static str, String)> {
@@ -78,7 +95,12 @@ fn summary(routing: &MessageRouting) -> Vec<(String, &'static str, String)> {
 fn base() -> Snapshot {
     let mut snapshot = Snapshot::default();
     domain(&mut snapshot, "example.com", DomainKind::Local, None);
-    domain(&mut snapshot, "old.example", DomainKind::Migrating, Some("legacy"));
+    domain(
+        &mut snapshot,
+        "old.example",
+        DomainKind::Migrating,
+        Some("legacy"),
+    );
     snapshot
 }
 
@@ -107,16 +129,38 @@ fn account_with_mailbox_forwards_and_vacation() {
     assert_eq!(
         summary(&routing),
         vec![
-            ("a.smith@example.com".into(), "mailbox", "maildir:/var/mail/alice".into()),
-            ("alice@example.org".into(), "remote", "domain:example.org".into()),
-            ("bob@example.com".into(), "mailbox", "maildir:/var/mail/bob".into()),
+            (
+                "a.smith@example.com".into(),
+                "mailbox",
+                "maildir:/var/mail/alice".into()
+            ),
+            (
+                "alice@example.org".into(),
+                "remote",
+                "domain:example.org".into()
+            ),
+            (
+                "bob@example.com".into(),
+                "mailbox",
+                "maildir:/var/mail/bob".into()
+            ),
         ]
     );
     assert_eq!(routing.auto_replies.len(), 1);
     assert_eq!(routing.auto_replies[0].address, "a.smith@example.com");
-    let forwarded = routing.deliveries.iter().find(|d| d.address == "bob@example.com").expect("forward");
-    assert_eq!(forwarded.header_prefix, "Delivered-To: a.smith@example.com\r\nDelivered-To: bob@example.com\r\n");
-    assert_eq!(forwarded.trace, "account alice > forward > account bob > mailbox");
+    let forwarded = routing
+        .deliveries
+        .iter()
+        .find(|d| d.address == "bob@example.com")
+        .expect("forward");
+    assert_eq!(
+        forwarded.header_prefix,
+        "Delivered-To: a.smith@example.com\r\nDelivered-To: bob@example.com\r\n"
+    );
+    assert_eq!(
+        forwarded.trace,
+        "account alice > forward > account bob > mailbox"
+    );
     assert!(routing.outcomes[0].failure.is_none());
 }
 
@@ -124,22 +168,48 @@ fn account_with_mailbox_forwards_and_vacation() {
 fn nested_list_cycle_delivers_once_and_is_reported() {
     let mut snapshot = base();
     account(&mut snapshot, "carol", &["carol@example.com"], true, &[]);
-    list(&mut snapshot, "outer", "outer@example.com", &["inner@example.com", "carol@example.com"]);
-    list(&mut snapshot, "inner", "inner@example.com", &["outer@example.com", "carol@example.com", "dave@example.org"]);
+    list(
+        &mut snapshot,
+        "outer",
+        "outer@example.com",
+        &["inner@example.com", "carol@example.com"],
+    );
+    list(
+        &mut snapshot,
+        "inner",
+        "inner@example.com",
+        &["outer@example.com", "carol@example.com", "dave@example.org"],
+    );
 
     let routing = route(&snapshot, &["outer@example.com"], &[]);
     assert_eq!(
         summary(&routing),
         vec![
-            ("carol@example.com".into(), "mailbox", "maildir:/var/mail/carol".into()),
-            ("dave@example.org".into(), "remote", "domain:example.org".into()),
+            (
+                "carol@example.com".into(),
+                "mailbox",
+                "maildir:/var/mail/carol".into()
+            ),
+            (
+                "dave@example.org".into(),
+                "remote",
+                "domain:example.org".into()
+            ),
         ]
     );
-    assert!(routing.events.iter().any(|e| e.starts_with("list cycle")), "{:?}", routing.events);
+    assert!(
+        routing.events.iter().any(|e| e.starts_with("list cycle")),
+        "{:?}",
+        routing.events
+    );
     // Both members are first reached through the inner list, whose owner
     // becomes the reverse-path.
     for delivery in &routing.deliveries {
-        assert_eq!(delivery.sender, "owner-inner@example.com", "{}", delivery.address);
+        assert_eq!(
+            delivery.sender, "owner-inner@example.com",
+            "{}",
+            delivery.address
+        );
     }
 }
 
@@ -147,10 +217,18 @@ fn nested_list_cycle_delivers_once_and_is_reported() {
 fn direct_and_list_recipient_get_one_copy() {
     let mut snapshot = base();
     account(&mut snapshot, "carol", &["carol@example.com"], true, &[]);
-    list(&mut snapshot, "staff", "staff@example.com", &["carol@example.com"]);
+    list(
+        &mut snapshot,
+        "staff",
+        "staff@example.com",
+        &["carol@example.com"],
+    );
     let routing = route(&snapshot, &["carol@example.com", "staff@example.com"], &[]);
     assert_eq!(routing.deliveries.len(), 1);
-    assert_eq!(routing.deliveries[0].sender, "sender@example.org", "the direct copy keeps the sender");
+    assert_eq!(
+        routing.deliveries[0].sender, "sender@example.org",
+        "the direct copy keeps the sender"
+    );
 }
 
 #[test]
@@ -164,38 +242,88 @@ fn unknown_local_address_fails() {
 #[test]
 fn unknown_migrating_address_goes_to_legacy_group() {
     let routing = route(&base(), &["someone@old.example"], &[]);
-    assert_eq!(summary(&routing), vec![("someone@old.example".into(), "relay", "group:legacy".into())]);
+    assert_eq!(
+        summary(&routing),
+        vec![("someone@old.example".into(), "relay", "group:legacy".into())]
+    );
 }
 
 #[test]
 fn forward_loop_stops_on_second_pass() {
     let mut snapshot = base();
-    account(&mut snapshot, "erin", &["erin@example.com"], false, &["erin@example.org"]);
+    account(
+        &mut snapshot,
+        "erin",
+        &["erin@example.com"],
+        false,
+        &["erin@example.org"],
+    );
     let routing = route(&snapshot, &["erin@example.com"], &["erin@example.com"]);
     assert!(routing.deliveries.is_empty());
-    assert!(routing.events.iter().any(|e| e.starts_with("forward loop")), "{:?}", routing.events);
+    assert!(
+        routing.events.iter().any(|e| e.starts_with("forward loop")),
+        "{:?}",
+        routing.events
+    );
 }
 
 #[test]
 fn internal_forward_cycle_is_cut() {
     let mut snapshot = base();
-    account(&mut snapshot, "one", &["one@example.com"], true, &["two@example.com"]);
-    account(&mut snapshot, "two", &["two@example.com"], true, &["one@example.com"]);
+    account(
+        &mut snapshot,
+        "one",
+        &["one@example.com"],
+        true,
+        &["two@example.com"],
+    );
+    account(
+        &mut snapshot,
+        "two",
+        &["two@example.com"],
+        true,
+        &["one@example.com"],
+    );
     let routing = route(&snapshot, &["one@example.com"], &[]);
     assert_eq!(routing.deliveries.len(), 2);
-    assert!(routing.events.iter().any(|e| e.starts_with("forward cycle")), "{:?}", routing.events);
+    assert!(
+        routing
+            .events
+            .iter()
+            .any(|e| e.starts_with("forward cycle")),
+        "{:?}",
+        routing.events
+    );
 }
 
 #[test]
 fn subaddress_and_catch_all_reach_the_account() {
     let mut snapshot = base();
-    account(&mut snapshot, "frank", &["frank@example.com", "@example.com"], true, &[]);
-    let routing = route(&snapshot, &["frank+news@example.com", "anyone@example.com"], &[]);
+    account(
+        &mut snapshot,
+        "frank",
+        &["frank@example.com", "@example.com"],
+        true,
+        &[],
+    );
+    let routing = route(
+        &snapshot,
+        &["frank+news@example.com", "anyone@example.com"],
+        &[],
+    );
     assert_eq!(
         summary(&routing),
         vec![
-            ("anyone@example.com".into(), "mailbox", "maildir:/var/mail/frank".into()),
-            ("frank+news@example.com".into(), "mailbox", "maildir:/var/mail/frank".into()),
+            (
+                "anyone@example.com".into(),
+                "mailbox",
+                "maildir:/var/mail/frank".into()
+            ),
+            (
+                "frank+news@example.com".into(),
+                "mailbox",
+                "maildir:/var/mail/frank".into()
+            ),
         ]
     );
 }
@@ -205,11 +333,20 @@ fn depth_limit_stops_deep_lists() {
     let mut snapshot = base();
     for level in 0..15 {
         let next = format!("level{}@example.com", level + 1);
-        list(&mut snapshot, &format!("level{level}"), &format!("level{level}@example.com"), &[next.as_str()]);
+        list(
+            &mut snapshot,
+            &format!("level{level}"),
+            &format!("level{level}@example.com"),
+            &[next.as_str()],
+        );
     }
     let routing = route(&snapshot, &["level0@example.com"], &[]);
     assert!(routing.deliveries.is_empty());
-    assert!(routing.events.iter().any(|e| e.contains("depth")), "{:?}", routing.events);
+    assert!(
+        routing.events.iter().any(|e| e.contains("depth")),
+        "{:?}",
+        routing.events
+    );
 }
 
 #[test]

@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::resolve::{EnvelopeRecipient, MessageFacts, MessageRouting, ResolveLimits, plan_batches, resolve_message};
+use super::resolve::{
+    EnvelopeRecipient, MessageFacts, MessageRouting, ResolveLimits, plan_batches, resolve_message,
+};
 use crate::directory::Directory;
 use crate::queue::{Queue, QueueId};
 
@@ -72,7 +74,12 @@ pub struct Router {
 
 impl Router {
     pub fn new(queue: Queue, directory: Arc<Directory>, settings: RouterSettings) -> Router {
-        let owner = format!("{}:{}:{}", settings.hostname, std::process::id(), uuid::Uuid::now_v7().simple());
+        let owner = format!(
+            "{}:{}:{}",
+            settings.hostname,
+            std::process::id(),
+            uuid::Uuid::now_v7().simple()
+        );
         Router {
             queue,
             directory,
@@ -93,7 +100,9 @@ impl Router {
         for worker in 0..self.settings.workers.max(1) {
             let router = Arc::clone(&self);
             let shutdown = shutdown.clone();
-            workers.push(tokio::spawn(async move { router.worker_loop(worker, shutdown).await }));
+            workers.push(tokio::spawn(async move {
+                router.worker_loop(worker, shutdown).await
+            }));
         }
         for worker in workers {
             let _ = worker.await;
@@ -192,7 +201,11 @@ impl Router {
     }
 
     /// Reads the sender and the start of the header section of a message.
-    async fn message_facts(&self, client: &deadpool_postgres::Object, message_id: QueueId) -> Result<(String, Vec<u8>), RouterError> {
+    async fn message_facts(
+        &self,
+        client: &deadpool_postgres::Object,
+        message_id: QueueId,
+    ) -> Result<(String, Vec<u8>), RouterError> {
         let sender: String = client
             .query_one("SELECT sender FROM messages WHERE id = $1", &[&message_id])
             .await?
@@ -220,9 +233,16 @@ impl Router {
         Ok((sender, headers))
     }
 
-    async fn route_message(&self, message_id: QueueId, claimed: Vec<Claimed>) -> Result<(), RouterError> {
+    async fn route_message(
+        &self,
+        message_id: QueueId,
+        claimed: Vec<Claimed>,
+    ) -> Result<(), RouterError> {
         let started = Instant::now();
-        let snapshot = self.directory.snapshot().ok_or(RouterError::DirectoryNotLoaded)?;
+        let snapshot = self
+            .directory
+            .snapshot()
+            .ok_or(RouterError::DirectoryNotLoaded)?;
         let mut client = self.queue.pool().get().await?;
         let (sender, headers) = self.message_facts(&client, message_id).await?;
         let delivered_to = delivered_to_addresses(&headers);
@@ -230,7 +250,8 @@ impl Router {
             sender: &sender,
             delivered_to: &delivered_to,
         };
-        let recipients: Vec<EnvelopeRecipient> = claimed.iter().map(|c| c.recipient.clone()).collect();
+        let recipients: Vec<EnvelopeRecipient> =
+            claimed.iter().map(|c| c.recipient.clone()).collect();
         let routing = resolve_message(
             &snapshot,
             &facts,
@@ -241,7 +262,8 @@ impl Router {
         );
 
         let transaction = client.transaction().await?;
-        let batches = write_deliveries(&transaction, message_id, &routing, self.settings.batch_size).await?;
+        let batches =
+            write_deliveries(&transaction, message_id, &routing, self.settings.batch_size).await?;
         let updated = mark_recipients(&transaction, &self.owner, &claimed, &routing).await?;
         if updated != claimed.len() as u64 {
             transaction.rollback().await?;
@@ -287,7 +309,12 @@ async fn write_deliveries(
             .query_one(
                 "INSERT INTO delivery_batches (message_id, destination, sender, recipients)
                  VALUES ($1, $2, $3, $4) RETURNING id",
-                &[&message_id, &first.destination, &first.sender, &(batch.len() as i32)],
+                &[
+                    &message_id,
+                    &first.destination,
+                    &first.sender,
+                    &(batch.len() as i32),
+                ],
             )
             .await?
             .get(0);
@@ -348,7 +375,10 @@ async fn mark_recipients(
     let mut states = Vec::with_capacity(claimed.len());
     let mut resolutions = Vec::with_capacity(claimed.len());
     for entry in claimed {
-        let outcome = routing.outcomes.iter().find(|o| o.recipient_id == entry.recipient.id);
+        let outcome = routing
+            .outcomes
+            .iter()
+            .find(|o| o.recipient_id == entry.recipient.id);
         ids.push(entry.recipient.id);
         tokens.push(entry.token);
         let failed = outcome.is_some_and(|o| o.failure.is_some());
@@ -370,7 +400,9 @@ async fn mark_recipients(
 
 /// The offset just past the blank line that ends the header section.
 pub fn header_end(data: &[u8]) -> Option<usize> {
-    data.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+    data.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
 }
 
 /// Addresses named in Delivered-To header fields, lowercased.
@@ -384,7 +416,10 @@ pub fn delivered_to_addresses(headers: &[u8]) -> HashSet<String> {
         if !line[..colon].eq_ignore_ascii_case(b"delivered-to") {
             continue;
         }
-        let value = String::from_utf8_lossy(&line[colon + 1..]).trim().trim_matches(['<', '>']).to_lowercase();
+        let value = String::from_utf8_lossy(&line[colon + 1..])
+            .trim()
+            .trim_matches(['<', '>'])
+            .to_lowercase();
         if !value.is_empty() {
             found.insert(value);
         }

@@ -381,11 +381,19 @@ impl Reply {
     }
 
     pub fn unknown_user() -> Reply {
-        Reply::new(550, Enhanced(5, 1, 1), "Recipient address rejected: user unknown")
+        Reply::new(
+            550,
+            Enhanced(5, 1, 1),
+            "Recipient address rejected: user unknown",
+        )
     }
 
     pub fn directory_unavailable() -> Reply {
-        Reply::new(451, Enhanced(4, 3, 0), "Recipient directory not available, try again later")
+        Reply::new(
+            451,
+            Enhanced(4, 3, 0),
+            "Recipient directory not available, try again later",
+        )
     }
 
     pub fn routing_characters_denied() -> Reply {

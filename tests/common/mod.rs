@@ -2,5 +2,6 @@
 //! databases, an in-process wsmtp and a raw SMTP client.
 
 pub mod db;
+pub mod directory;
 pub mod harness;
 pub mod sink;
