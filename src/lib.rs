@@ -11,4 +11,5 @@ pub mod listener;
 pub mod passthrough;
 pub mod policy;
 pub mod queue;
+pub mod router;
 pub mod smtp;
