@@ -798,6 +798,8 @@ async fn vacation_reply_headers_and_body() {
     assert_eq!(detail.recipients.len(), 1);
     assert_eq!(detail.recipients[0].address, BOB);
     assert_eq!(detail.recipients[0].route_group, None);
+    assert_eq!(detail.body_type, None, "an ASCII reply needs no 8BITMIME");
+    assert!(!detail.smtputf8);
 
     let raw = queue.read_body(reply_id).await.expect("read reply");
     assert!(
@@ -918,6 +920,16 @@ async fn echo_attaches_original() {
     let AutoReplyOutcome::Sent(reply_id) = outcome else {
         panic!("expected an echo, got {outcome:?}");
     };
+    let detail = queue
+        .show(reply_id)
+        .await
+        .expect("show")
+        .expect("echo exists");
+    assert_eq!(
+        detail.body_type.as_deref(),
+        Some("8BITMIME"),
+        "the attached original is 8bit"
+    );
     let raw = queue.read_body(reply_id).await.expect("read echo");
     let reply = MessageParser::new().parse(&raw).expect("parse echo");
     assert_eq!(reply.subject(), Some("Echo: Ping \u{00fc}"));
