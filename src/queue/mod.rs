@@ -5,7 +5,9 @@
 //! creates the database if asked and applies the embedded migrations from
 //! `migrations/`, and [`Queue::begin`] returns a [`SpoolWriter`] that streams
 //! one message body into `message_chunks` and makes the message `ready` in
-//! [`SpoolWriter::commit`]. [`Queue::list`], [`Queue::show`],
+//! [`SpoolWriter::commit`]. [`insert_generated`] stores a message that
+//! wsmtp builds itself, such as an auto-reply, inside the caller's
+//! transaction. [`Queue::list`], [`Queue::show`],
 //! [`Queue::read_body`] and [`Queue::copy_body`] inspect the spool, and
 //! [`Queue::remove_expired_receiving`] is the janitor for abandoned
 //! receptions.
@@ -43,6 +45,7 @@
 //! RFC 1047). Bodies are checked against their digest only when read.
 
 mod error;
+mod generated;
 mod inspect;
 mod schema;
 mod writer;
@@ -53,6 +56,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 pub use error::QueueError;
+pub use generated::insert_generated;
 pub use inspect::{ListFilter, MessageDetail, MessageSummary, RecipientDetail};
 pub use writer::SpoolWriter;
 

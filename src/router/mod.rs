@@ -1,5 +1,7 @@
 //! The router tier: claims spooled messages, resolves their recipients
-//! through the account directory and writes the resulting deliveries.
+//! through the account directory, writes the resulting deliveries and
+//! generates auto-replies.
 
+pub mod autoreply;
 pub mod resolve;
 pub mod worker;
