@@ -1,8 +1,9 @@
-//! The command line: `serve`, `check`, `migrate` and `queue …`.
+//! The command line: `serve`, `check`, `migrate`, `queue …` and `accounts …`.
 //!
 //! Every command takes `--config PATH` (default `config.yaml`). Errors go to
 //! stderr and make the process exit non-zero.
 
+pub mod accounts;
 mod queue_commands;
 pub mod serve;
 
@@ -45,6 +46,10 @@ pub enum Command {
     /// Inspect the queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Manage the account directory: domains, accounts, addresses, forwards,
+    /// auto-replies and mailing lists; import legacy alias files.
+    #[command(subcommand)]
+    Accounts(accounts::AccountsCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,6 +83,9 @@ pub fn run(cli: Cli) -> ExitCode {
         }),
         Command::Queue(command) => with_config(&cli.config, |config| {
             runtime(queue_commands::run(config, command))
+        }),
+        Command::Accounts(command) => with_config(&cli.config, |config| {
+            runtime(accounts::run(config, command))
         }),
     }
 }
