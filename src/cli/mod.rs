@@ -84,7 +84,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Queue(command) => with_config(&cli.config, |config| {
             runtime(queue_commands::run(config, command))
         }),
-        Command::Accounts(command) => with_config(&cli.config, |config| {
+        // The accounts commands print their own results, so the info lines
+        // of the migration that runs first are noise there.
+        Command::Accounts(command) => with_config_and_filter(&cli.config, Some("warn"), |config| {
             runtime(accounts::run(config, command))
         }),
     }
@@ -116,13 +118,27 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn with_config(path: &Path, command: impl FnOnce(Config) -> anyhow::Result<()>) -> ExitCode {
-    let config = match Config::load(path) {
+    with_config_and_filter(path, None, command)
+}
+
+/// Loads the configuration, starts logging with `filter` in place of the
+/// configured `log.filter` when given (`RUST_LOG` still overrides both), and
+/// runs the command.
+fn with_config_and_filter(
+    path: &Path,
+    filter: Option<&str>,
+    command: impl FnOnce(Config) -> anyhow::Result<()>,
+) -> ExitCode {
+    let mut config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("{error}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(filter) = filter {
+        config.log.filter = filter.to_owned();
+    }
     init_logging(&config);
     match command(config) {
         Ok(()) => ExitCode::SUCCESS,

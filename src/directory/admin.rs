@@ -42,6 +42,9 @@ pub enum AdminError {
         reason: String,
     },
 
+    #[error("missing {what}: {reason}")]
+    Missing { what: &'static str, reason: String },
+
     #[error(
         "domain {domain} is not in the directory; add it first with `wsmtp accounts domain add {domain} --kind local`"
     )]
@@ -147,11 +150,10 @@ fn domain_group(
             reason: "a local domain has no legacy group; leave out --legacy-group".to_owned(),
         }),
         (_, Some(group)) => Ok(Some(validate::group_name(group)?)),
-        (kind, None) => Err(AdminError::Invalid {
+        (kind, None) => Err(AdminError::Missing {
             what: "legacy group",
-            value: String::new(),
             reason: format!(
-                "a {} domain needs --legacy-group: the downstream group that receives mail for addresses not in the directory",
+                "a {} domain needs --legacy-group, the downstream group that receives mail for addresses not in the directory",
                 kind.as_str()
             ),
         }),
