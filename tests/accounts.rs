@@ -902,7 +902,7 @@ fn aliases_options() -> ImportOptions {
     }
 }
 
-fn notices_containing<'a>(report: &'a ImportReport, text: &str) -> Vec<String> {
+fn notices_containing(report: &ImportReport, text: &str) -> Vec<String> {
     report
         .notices
         .iter()

@@ -150,12 +150,11 @@ pub enum ForwardCommand {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ReplyKindArg {
-    /// Return the message to its sender.
+    /// Returns the message to its sender.
     Echo,
-    /// Reply at most once per interval to each correspondent.
+    /// At most one reply per interval per correspondent.
     Vacation,
-    /// Reply to every message, at most once per interval per correspondent
-    /// and window.
+    /// A reply to every message, rate-limited per correspondent.
     #[value(name = "every_time", alias = "every-time")]
     EveryTime,
 }
@@ -179,7 +178,7 @@ pub enum AutoReplyCommand {
     Enable { account: String },
     /// Turn the auto-reply off, keeping its text and window.
     Disable { account: String },
-    /// Delete the auto-reply and the record of whom it answered.
+    /// Delete the auto-reply and its per-correspondent log of sent replies.
     Remove { account: String },
 }
 
@@ -257,7 +256,7 @@ pub enum DomainCommand {
 pub struct DomainArgs {
     /// Domain name; internationalised names are stored as A-labels.
     pub domain: String,
-    /// How wsmtp treats the domain.
+    /// Kind of domain.
     #[arg(long, value_enum)]
     pub kind: DomainKindArg,
     /// Downstream group that receives mail for addresses not in the
@@ -513,10 +512,12 @@ fn print_account(account: &Account) {
         account.relay_group.as_deref().unwrap_or("-")
     );
     print_values("forwards:", &account.forwards);
+
     let Some(reply) = &account.auto_reply else {
         println!("{:<13}-", "auto-reply:");
         return;
     };
+
     let now = time::OffsetDateTime::now_utc();
     println!(
         "{:<13}{}, {}, {}",
@@ -541,6 +542,7 @@ fn print_account(account: &Account) {
         validate::format_interval(reply.interval)
     );
     println!("{:<13}{}", "  subject:", reply.subject);
+
     println!("  body:");
     for line in reply.body.lines() {
         println!("    {line}");

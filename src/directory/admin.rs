@@ -14,7 +14,7 @@
 //! `directory_domains` of kind local or migrating. Forward targets, list
 //! owners and list members may be at any domain.
 //!
-//! Errors: [`AdminError`], whose message names the rejected value and says
+//! Errors: [`AdminError`], whose message names the rejected value and states
 //! what is expected or what to run first. A unique violation (SQLSTATE 23505)
 //! that a concurrent change causes after the checks becomes
 //! [`AdminError::AlreadyExists`].
@@ -292,7 +292,9 @@ pub async fn list_domains<C: GenericClient>(client: &C) -> Result<Vec<DomainSumm
 
 fn parse_domain_kind(text: &str) -> Result<DomainKind, AdminError> {
     DomainKind::parse(text).ok_or_else(|| AdminError::Conflict {
-        message: format!("the database holds an unknown domain kind {text:?}"),
+        message: format!(
+            "invalid domain kind {text:?} stored in directory_domains; expected local, relay or migrating"
+        ),
     })
 }
 
@@ -772,7 +774,9 @@ pub async fn show_account<C: GenericClient>(client: &C, name: &str) -> Result<Ac
 
 fn parse_auto_reply_kind(text: &str) -> Result<AutoReplyKind, AdminError> {
     AutoReplyKind::parse(text).ok_or_else(|| AdminError::Conflict {
-        message: format!("the database holds an unknown auto-reply kind {text:?}"),
+        message: format!(
+            "invalid auto-reply kind {text:?} stored in auto_replies; expected echo, vacation or every_time"
+        ),
     })
 }
 

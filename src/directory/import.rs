@@ -11,14 +11,14 @@
 //!
 //! Line rules are those of Postfix aliases(5) and virtual(5), see
 //! [`parse`]. In a `virtual` file the key is `user@domain`, a catch-all
-//! `@domain`, or a bare domain name containing a dot, which declares a
-//! virtual alias domain: its value is ignored and the domain is created as a
-//! local domain unless the directory has it already. A bare name without a
+//! `@domain`, or a bare domain name containing a dot. A bare domain name
+//! declares a virtual alias domain, so its value is ignored and the domain
+//! is created as a local domain unless the directory has it already. A bare name without a
 //! dot is a local user; it is qualified with [`ImportOptions::domain`] or
 //! skipped when none is given. In an `aliases` file the key is a local name
 //! (`name:`), qualified with [`ImportOptions::domain`], which is required.
-//! Names and addresses are lowercased, since both Postfix and Sendmail fold
-//! alias names to lowercase.
+//! Names and addresses are lowercased, as Postfix aliases(5) folds alias
+//! names to lowercase.
 //!
 //! Targets are addresses, or local names qualified like keys (`\name`, which
 //! only stops further aliasing, counts as `name`). `:include:PATH` in an
@@ -38,8 +38,8 @@
 //!
 //! - A key is a **mailing list** when its targets come from an `:include:`
 //!   file (the usual way to keep a list's members), or when the file also
-//!   has the key `owner-NAME`, which both Postfix and Sendmail use as the
-//!   reverse-path for errors of NAME. The list is named after its address,
+//!   has the key `owner-NAME`, to which Postfix aliases(5) directs the
+//!   delivery errors of NAME. The list is named after its address,
 //!   its members are the targets, and its owner is `owner-NAME@domain` when
 //!   that key exists, else [`ImportOptions::owner`], else
 //!   `postmaster@domain`.

@@ -17,10 +17,11 @@ use super::AdminError;
 use crate::directory::Mailbox;
 use crate::policy::address::{Address, AddressError, Domain};
 
-/// Longest account or list name accepted, in characters.
+/// Maximum length of an account or list name, in characters.
 const MAX_NAME_CHARS: usize = 255;
-/// Longest auto-reply subject accepted, in octets: one header line of at most
-/// 998 octets (RFC 5322 section 2.1.1) minus the `Subject: ` field name.
+/// Maximum length of an auto-reply subject, in octets. A header line has at
+/// most 998 octets (RFC 5322 section 2.1.1), and this leaves room for the
+/// `Subject: ` field name and encoding.
 const MAX_SUBJECT_OCTETS: usize = 900;
 
 fn invalid(what: &'static str, value: &str, reason: impl Into<String>) -> AdminError {
@@ -71,9 +72,9 @@ pub fn domain_name(text: &str) -> Result<String, AdminError> {
 /// # Errors
 ///
 /// [`AdminError::Invalid`] when the address does not parse, when its local
-/// part contains `@`, `%` or `!` (which a downstream MTA may take as source
-/// routing, so such an address could relay to a foreign domain), or when its
-/// domain is an address literal.
+/// part contains `@`, `%` or `!`, or when its domain is an address literal.
+/// A downstream MTA may take those characters as source routing, so such an
+/// address could relay to a foreign domain.
 pub fn address(text: &str) -> Result<(String, String), AdminError> {
     let text = text.trim();
     let parsed =
@@ -299,7 +300,7 @@ pub fn interval(text: &str) -> Result<Duration, AdminError> {
 pub fn format_interval(interval: Duration) -> String {
     let seconds = interval.as_secs();
     for (unit, size) in [("w", 604_800), ("d", 86_400), ("h", 3600), ("m", 60)] {
-        if seconds >= size && seconds % size == 0 {
+        if seconds >= size && seconds.is_multiple_of(size) {
             return format!("{}{unit}", seconds / size);
         }
     }

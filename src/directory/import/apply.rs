@@ -5,8 +5,8 @@
 //! Every write is preceded by a read that shows it is needed, so a second run
 //! of the same file issues no writing statement and leaves the directory
 //! version unchanged. Problems (a missing or relay domain, a rejected row)
-//! are collected so that the caller can roll back and list them all; a
-//! database failure aborts at once.
+//! are collected, so the caller can roll back and list them all. A database
+//! failure aborts at once.
 
 use std::collections::{HashMap, HashSet};
 

@@ -31,7 +31,7 @@ pub struct Entry {
     /// The key as written, without quotes; not yet lowercased.
     pub key: String,
     pub targets: Vec<Token>,
-    /// Where the key is.
+    /// Position of the key.
     pub origin: Origin,
 }
 
@@ -41,7 +41,7 @@ struct LogicalLine {
     segments: Vec<(usize, String)>,
 }
 
-/// What a target token denotes, by its first characters (aliases(5)).
+/// Kind of a target token, told by its first characters (aliases(5)).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetKind {
     /// `|command`: delivery to a program.
@@ -310,7 +310,7 @@ fn split_alias_key(line: &str) -> Option<(String, usize)> {
     Some((line[..colon].trim().to_owned(), colon + 1))
 }
 
-/// Parses an `:include:` file: every logical line holds targets only, with
+/// Parses an `:include:` file: every logical line contains targets only, with
 /// the same syntax as the right-hand side of an alias (aliases(5)).
 pub fn parse_include(file: &Path, text: &str, problems: &mut Vec<Problem>) -> Vec<Token> {
     logical_lines(file, text, problems)
