@@ -1,8 +1,9 @@
-//! The command line: `serve`, `check`, `migrate` and `queue …`.
+//! The command line: `serve`, `check`, `migrate`, `queue …` and `accounts …`.
 //!
 //! Every command takes `--config PATH` (default `config.yaml`). Errors go to
 //! stderr and make the process exit non-zero.
 
+pub mod accounts;
 mod queue_commands;
 pub mod serve;
 
@@ -54,6 +55,10 @@ pub enum Command {
     /// Inspect the queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Manage the account directory: domains, accounts, addresses, forwards,
+    /// auto-replies and mailing lists; import legacy alias files.
+    #[command(subcommand)]
+    Accounts(accounts::AccountsCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -90,6 +95,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Queue(command) => with_config(&cli.config, |config| {
             runtime(queue_commands::run(config, command))
         }),
+        // The accounts commands print their own results, so the info lines
+        // of the migration that runs first are noise there.
+        Command::Accounts(command) => with_config_and_filter(&cli.config, Some("warn"), |config| {
+            runtime(accounts::run(config, command))
+        }),
     }
 }
 
@@ -119,13 +129,27 @@ fn check(path: &Path) -> ExitCode {
 }
 
 fn with_config(path: &Path, command: impl FnOnce(Config) -> anyhow::Result<()>) -> ExitCode {
-    let config = match Config::load(path) {
+    with_config_and_filter(path, None, command)
+}
+
+/// Loads the configuration, starts logging with `filter` in place of the
+/// configured `log.filter` when given (`RUST_LOG` still overrides both), and
+/// runs the command.
+fn with_config_and_filter(
+    path: &Path,
+    filter: Option<&str>,
+    command: impl FnOnce(Config) -> anyhow::Result<()>,
+) -> ExitCode {
+    let mut config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("{error}");
             return ExitCode::FAILURE;
         }
     };
+    if let Some(filter) = filter {
+        config.log.filter = filter.to_owned();
+    }
     init_logging(&config);
     match command(config) {
         Ok(()) => ExitCode::SUCCESS,

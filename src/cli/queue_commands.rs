@@ -6,7 +6,7 @@ use super::QueueCommand;
 use crate::config::Config;
 use crate::queue::{ListFilter, Queue};
 
-fn open_queue(config: &Config) -> anyhow::Result<Queue> {
+pub(super) fn open_queue(config: &Config) -> anyhow::Result<Queue> {
     let settings = config.queue.as_ref().context(
         "no queue configured: add a queue section to the configuration or set DATABASE_URL",
     )?;

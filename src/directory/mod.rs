@@ -11,6 +11,8 @@
 //! domain): first the address itself, then without a `+tag` sub-address, then
 //! the domain's catch-all entry `@domain`.
 
+pub mod admin;
+pub mod import;
 mod load;
 mod watch;
 
