@@ -1351,7 +1351,7 @@ impl Cli {
         std::fs::write(
             &config,
             format!(
-                "listeners:\n  - address: 127.0.0.1:2525\nrelay:\n  local_domains: [example.com]\nqueue:\n  url: {}\n",
+                "listeners:\n  - address: 127.0.0.1:2525\nrelay:\n  local_domains: [seeded.example]\nqueue:\n  url: {}\n",
                 db.url
             ),
         )

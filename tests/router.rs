@@ -59,12 +59,26 @@ fn deliveries(detail: &wsmtp::queue::MessageDetail) -> Vec<(String, String, Stri
     rows
 }
 
+/// Auto-replies in the queue: messages from the null sender.
+async fn auto_replies(db: &tokio_postgres::Client) -> Vec<(QueueId, String)> {
+    db.query(
+        "SELECT m.id, r.address FROM messages m JOIN recipients r ON r.message_id = m.id
+          WHERE m.sender = '' ORDER BY m.id",
+        &[],
+    )
+    .await
+    .expect("auto-replies")
+    .iter()
+    .map(|row| (row.get(0), row.get(1)))
+    .collect()
+}
+
 #[tokio::test]
-async fn account_with_two_addresses_forwards_and_mailbox() {
+async fn account_with_two_addresses_forwards_mailbox_and_vacation() {
     let sink = Sink::start().await;
     let server = TestServer::start(TestConfig::new(&[sink.addr])).await;
     let db = server.db.as_ref().expect("db").connect().await;
-    add_account(
+    let dora = add_account(
         &db,
         "dora",
         &["dora@example.com", "d.explorer@example.com"],
@@ -72,15 +86,17 @@ async fn account_with_two_addresses_forwards_and_mailbox() {
         &["dora@example.org", "carol@example.com"],
     )
     .await;
+    add_vacation(&db, dora, 3600).await;
     wait_until_current(&db, server.directory.as_ref().expect("directory")).await;
 
     let mut client = server.connect_from("127.0.0.2").await;
     client.expect("EHLO sender.example", 250).await;
+    let content = b"From: friend@example.net\r\nTo: d.explorer@example.com\r\nMessage-ID: <first@example.net>\r\nSubject: hi\r\n\r\nhello\r\n";
     let id = send(
         &mut client,
         "friend@example.net",
         &["d.explorer@example.com"],
-        b"Subject: hi\r\n\r\nhello\r\n",
+        content,
     )
     .await;
     let detail = wait_routed(&server, id).await;
@@ -113,6 +129,41 @@ async fn account_with_two_addresses_forwards_and_mailbox() {
         resolution.contains("account dora > forward"),
         "{resolution}"
     );
+
+    // Exactly one auto-reply, to the sender, from <>, routed like any mail.
+    let replies = auto_replies(&db).await;
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0].1, "friend@example.net");
+    let reply = wait_routed(&server, replies[0].0).await;
+    assert_eq!(
+        deliveries(&reply),
+        vec![(
+            "friend@example.net".into(),
+            "remote".into(),
+            "domain:example.net".into()
+        )]
+    );
+    let body = server
+        .queue()
+        .read_body(replies[0].0)
+        .await
+        .expect("reply body");
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("Auto-Submitted: auto-replied"), "{text}");
+    assert!(text.contains("In-Reply-To: <first@example.net>"), "{text}");
+
+    // A second message from the same sender within the interval: no reply.
+    let second = b"From: friend@example.net\r\nTo: dora@example.com\r\nSubject: again\r\n\r\nhello again\r\n";
+    let id = send(
+        &mut client,
+        "friend@example.net",
+        &["dora@example.com"],
+        second,
+    )
+    .await;
+    let detail = wait_routed(&server, id).await;
+    assert_eq!(detail.deliveries.len(), 3);
+    assert_eq!(auto_replies(&db).await.len(), 1, "no second vacation reply");
     server.stop().await;
 }
 
@@ -304,34 +355,5 @@ async fn directory_changes_apply_without_restart() {
     .await;
     wait_until_current(&db, server.directory.as_ref().expect("directory")).await;
     client.expect("RCPT TO:<newcomer@example.com>", 250).await;
-    server.stop().await;
-}
-
-#[tokio::test]
-async fn vacation_account_routes_its_mailbox_delivery() {
-    let sink = Sink::start().await;
-    let server = TestServer::start(TestConfig::new(&[sink.addr])).await;
-    let db = server.db.as_ref().expect("db").connect().await;
-    let id = add_account(&db, "vic", &["vic@example.com"], Some("/var/mail/vic"), &[]).await;
-    add_vacation(&db, id, 3600).await;
-    wait_until_current(&db, server.directory.as_ref().expect("directory")).await;
-    let mut client = server.connect_from("127.0.0.2").await;
-    client.expect("EHLO sender.example", 250).await;
-    let message = send(
-        &mut client,
-        "friend@example.net",
-        &["vic@example.com"],
-        b"Subject: q\r\n\r\nx\r\n",
-    )
-    .await;
-    let detail = wait_routed(&server, message).await;
-    assert_eq!(
-        deliveries(&detail),
-        vec![(
-            "vic@example.com".into(),
-            "mailbox".into(),
-            "maildir:/var/mail/vic".into()
-        )]
-    );
     server.stop().await;
 }

@@ -349,6 +349,7 @@ pub struct ImportArgs {
 pub async fn run(config: Config, command: AccountsCommand) -> anyhow::Result<()> {
     let queue = super::queue_commands::open_queue(&config)?;
     queue.migrate().await?;
+    super::serve::seed_domains(&queue, &config).await?;
     let mut client = queue
         .pool()
         .get()

@@ -356,23 +356,24 @@ impl Expansion<'_> {
                 }
             }
         }
-        if let Some(reply) = &account.auto_reply {
-            if !step.via_list && reply.enabled {
-                methods += 1;
-                let index = self
-                    .snapshot
-                    .accounts
-                    .iter()
-                    .position(|a| a.id == account.id)
-                    .unwrap_or(0);
-                let already = self.routing.auto_replies.iter().any(|r| r.account == index);
-                if !already {
-                    self.routing.auto_replies.push(PlannedAutoReply {
-                        recipient_id: recipients[step.recipient].id,
-                        account: index,
-                        address: address.clone(),
-                    });
-                }
+        if let Some(reply) = &account.auto_reply
+            && !step.via_list
+            && reply.enabled
+        {
+            methods += 1;
+            let index = self
+                .snapshot
+                .accounts
+                .iter()
+                .position(|a| a.id == account.id)
+                .unwrap_or(0);
+            let already = self.routing.auto_replies.iter().any(|r| r.account == index);
+            if !already {
+                self.routing.auto_replies.push(PlannedAutoReply {
+                    recipient_id: recipients[step.recipient].id,
+                    account: index,
+                    address: address.clone(),
+                });
             }
         }
         if methods == 0 {

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::autoreply::{AutoReplySettings, StoredMessage, auto_reply};
 use super::resolve::{
     EnvelopeRecipient, MessageFacts, MessageRouting, ResolveLimits, plan_batches, resolve_message,
 };
@@ -55,11 +56,13 @@ pub enum RouterError {
     DirectoryNotLoaded,
     #[error("lease on message {0} was lost to another router; its routing was discarded")]
     LeaseLost(String),
+    #[error("auto-reply failed: {0}")]
+    AutoReply(String),
 }
 
 /// One claimed recipient and its lease token.
 #[derive(Clone, Debug)]
-struct Claimed {
+pub struct Claimed {
     recipient: EnvelopeRecipient,
     token: i64,
 }
@@ -70,6 +73,7 @@ pub struct Router {
     settings: RouterSettings,
     owner: String,
     wake: Arc<Notify>,
+    auto_reply_settings: AutoReplySettings,
 }
 
 impl Router {
@@ -80,12 +84,14 @@ impl Router {
             std::process::id(),
             uuid::Uuid::now_v7().simple()
         );
+        let auto_reply_settings = AutoReplySettings::new(settings.hostname.clone());
         Router {
             queue,
             directory,
             settings,
             owner,
             wake: Arc::new(Notify::new()),
+            auto_reply_settings,
         }
     }
 
@@ -122,7 +128,7 @@ impl Router {
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     // Repeated failures are logged once per ten to avoid floods.
-                    if failures == 1 || failures % 10 == 0 {
+                    if failures == 1 || failures.is_multiple_of(10) {
                         tracing::warn!(worker, error = %error, failures, "routing failed; retrying");
                     }
                     0
@@ -155,7 +161,10 @@ impl Router {
         Ok(count)
     }
 
-    async fn claim(&self) -> Result<BTreeMap<QueueId, Vec<Claimed>>, RouterError> {
+    /// Claims up to `claim_messages` messages: every queued recipient of
+    /// each gets this router's lease. Public for tests that stop a router
+    /// between its claim and its routing.
+    pub async fn claim(&self) -> Result<BTreeMap<QueueId, Vec<Claimed>>, RouterError> {
         let client = self.queue.pool().get().await?;
         let lease_seconds = self.settings.lease.as_secs_f64();
         let rows = client
@@ -205,11 +214,16 @@ impl Router {
         &self,
         client: &deadpool_postgres::Object,
         message_id: QueueId,
-    ) -> Result<(String, Vec<u8>), RouterError> {
-        let sender: String = client
-            .query_one("SELECT sender FROM messages WHERE id = $1", &[&message_id])
-            .await?
-            .get(0);
+    ) -> Result<StoredFacts, RouterError> {
+        let row = client
+            .query_one(
+                "SELECT sender, size, smtputf8 FROM messages WHERE id = $1",
+                &[&message_id],
+            )
+            .await?;
+        let sender: String = row.get(0);
+        let size: Option<i64> = row.get(1);
+        let smtputf8: bool = row.get(2);
         let mut headers = Vec::new();
         let mut seq = 0i32;
         while headers.len() < MAX_HEADER_BYTES {
@@ -230,10 +244,17 @@ impl Router {
             }
             seq += 1;
         }
-        Ok((sender, headers))
+        Ok(StoredFacts {
+            sender,
+            headers,
+            size: size.unwrap_or(0).max(0) as u64,
+            smtputf8,
+        })
     }
 
-    async fn route_message(
+    /// Routes one claimed message in one transaction; fails with
+    /// [`RouterError::LeaseLost`] when another router took the lease over.
+    pub async fn route_message(
         &self,
         message_id: QueueId,
         claimed: Vec<Claimed>,
@@ -244,15 +265,15 @@ impl Router {
             .snapshot()
             .ok_or(RouterError::DirectoryNotLoaded)?;
         let mut client = self.queue.pool().get().await?;
-        let (sender, headers) = self.message_facts(&client, message_id).await?;
-        let delivered_to = delivered_to_addresses(&headers);
+        let stored = self.message_facts(&client, message_id).await?;
+        let delivered_to = delivered_to_addresses(&stored.headers);
         let facts = MessageFacts {
-            sender: &sender,
+            sender: &stored.sender,
             delivered_to: &delivered_to,
         };
         let recipients: Vec<EnvelopeRecipient> =
             claimed.iter().map(|c| c.recipient.clone()).collect();
-        let routing = resolve_message(
+        let mut routing = resolve_message(
             &snapshot,
             &facts,
             &recipients,
@@ -264,6 +285,8 @@ impl Router {
         let transaction = client.transaction().await?;
         let batches =
             write_deliveries(&transaction, message_id, &routing, self.settings.batch_size).await?;
+        self.send_auto_replies(&transaction, message_id, &stored, &snapshot, &mut routing)
+            .await?;
         let updated = mark_recipients(&transaction, &self.owner, &claimed, &routing).await?;
         if updated != claimed.len() as u64 {
             transaction.rollback().await?;
@@ -291,6 +314,66 @@ impl Router {
             duration_ms = started.elapsed().as_millis() as u64,
             "message routed"
         );
+        Ok(())
+    }
+}
+
+/// The stored message as routing reads it.
+struct StoredFacts {
+    sender: String,
+    /// The header section, or its first [`MAX_HEADER_BYTES`].
+    headers: Vec<u8>,
+    size: u64,
+    smtputf8: bool,
+}
+
+impl Router {
+    /// Generates the planned auto-replies inside the routing transaction and
+    /// notes each outcome in its recipient's resolution.
+    async fn send_auto_replies(
+        &self,
+        transaction: &tokio_postgres::Transaction<'_>,
+        message_id: QueueId,
+        stored: &StoredFacts,
+        snapshot: &crate::directory::Snapshot,
+        routing: &mut MessageRouting,
+    ) -> Result<(), RouterError> {
+        let message = StoredMessage {
+            id: message_id,
+            sender: &stored.sender,
+            header_section: &stored.headers,
+            size: stored.size,
+            smtputf8: stored.smtputf8,
+        };
+        let now = time::OffsetDateTime::now_utc();
+        for planned in routing.auto_replies.clone() {
+            let Some(account) = snapshot.accounts.get(planned.account) else {
+                continue;
+            };
+            let outcome = auto_reply(
+                transaction,
+                &self.auto_reply_settings,
+                account,
+                &planned.address,
+                &message,
+                now,
+            )
+            .await
+            .map_err(|error| RouterError::AutoReply(error.to_string()))?;
+            tracing::info!(
+                queue_id = %message_id.simple(),
+                account = %account.name,
+                outcome = %outcome,
+                "auto-reply"
+            );
+            if let Some(entry) = routing
+                .outcomes
+                .iter_mut()
+                .find(|o| o.recipient_id == planned.recipient_id)
+            {
+                entry.resolution.push_str(&format!(" ({outcome})"));
+            }
+        }
         Ok(())
     }
 }
