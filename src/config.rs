@@ -405,6 +405,22 @@ impl Checker {
     }
 }
 
+/// The first line of a YAML parse error without the location prefix, which
+/// [`Problem`] shows on its own.
+fn parse_error_message(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or("invalid YAML");
+    let text = first.strip_prefix("error: ").unwrap_or(first);
+    // Drop "line N column M: " when present.
+    match text.split_once(": ") {
+        Some((location, rest))
+            if location.starts_with("line ") && location.contains(" column ") =>
+        {
+            rest.to_string()
+        }
+        _ => text.to_string(),
+    }
+}
+
 /// Parses `250ms`, `30s`, `5m`, `2h`; a bare number means seconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
@@ -452,14 +468,9 @@ impl Config {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|error| {
             let line = error.location().map(|l| l.line()).unwrap_or(0);
             vec![Problem {
-                path: "(file)".to_string(),
+                path: "(yaml)".to_string(),
                 line,
-                message: error
-                    .to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or("invalid YAML")
-                    .to_string(),
+                message: parse_error_message(&error.to_string()),
             }]
         })?;
         let mut checker = Checker {
@@ -971,6 +982,26 @@ relay:
         assert_eq!(
             config.queue.expect("queue").database.url,
             "postgres://b@127.0.0.1/y"
+        );
+    }
+
+    #[test]
+    fn parse_errors_name_the_problem_once() {
+        let problems = Config::parse(
+            "listeners:\n  - address: 127.0.0.1:2525\nlimits:\n  max_errors: many\n",
+            None,
+        )
+        .expect_err("invalid value");
+        assert_eq!(problems[0].line, 4);
+        assert!(
+            !problems[0].message.contains("line 4"),
+            "{}",
+            problems[0].message
+        );
+        assert!(
+            !problems[0].message.starts_with("error:"),
+            "{}",
+            problems[0].message
         );
     }
 

@@ -170,8 +170,14 @@ fn runtime(future: impl std::future::Future<Output = anyhow::Result<()>>) -> any
 /// Logs go to stderr as text or JSON; `RUST_LOG` overrides the configured filter.
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.filter));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        // Library chatter (PostgreSQL notices, migration steps) only at warn,
+        // unless the configured filter names those targets itself.
+        EnvFilter::new(format!(
+            "tokio_postgres=warn,refinery_core=warn,{}",
+            config.log.filter
+        ))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -28,12 +28,12 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
             let filter = ListFilter { state, limit };
             let messages = queue.list(&filter).await?;
             println!(
-                "{:<32}  {:<9}  {:>10}  {:>5}  {:<25}  sender",
+                "{:<32}  {:<9}  {:>10}  {:>5}  {:<20}  sender",
                 "queue id", "state", "size", "rcpts", "received"
             );
             for message in &messages {
                 println!(
-                    "{:<32}  {:<9}  {:>10}  {:>5}  {:<25}  <{}>",
+                    "{:<32}  {:<9}  {:>10}  {:>5}  {:<20}  <{}>",
                     message.id.simple(),
                     message.state,
                     message
@@ -41,7 +41,7 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
                         .map(|s| s.to_string())
                         .unwrap_or_else(|| "-".to_string()),
                     message.recipient_count,
-                    format_time(message.received_at),
+                    format_list_time(message.received_at),
                     message.sender
                 );
             }
@@ -126,6 +126,15 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `2026-12-04T21:42:13Z`: seconds are enough in a listing.
+fn format_list_time(time: time::OffsetDateTime) -> String {
+    let format =
+        time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time.to_offset(time::UtcOffset::UTC)
+        .format(&format)
+        .unwrap_or_else(|_| time.to_string())
 }
 
 fn format_time(time: time::OffsetDateTime) -> String {

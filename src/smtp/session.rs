@@ -119,6 +119,8 @@ pub struct Session<H: Handler> {
     errors: usize,
     shutdown: CancellationToken,
     transactions: u64,
+    /// Why the session ended, when the server knows better than "closed".
+    end: Option<String>,
 }
 
 impl<H: Handler> Session<H> {
@@ -145,6 +147,7 @@ impl<H: Handler> Session<H> {
             errors: 0,
             shutdown,
             transactions: 0,
+            end: None,
         }
     }
 
@@ -196,7 +199,10 @@ impl<H: Handler> Session<H> {
                 Line::Malformed => self.reply(Reply::bad_command_line_ending()).await,
             };
             if flow == Flow::Close {
-                return "closed by server".to_string();
+                return self
+                    .end
+                    .take()
+                    .unwrap_or_else(|| "closed by server".to_string());
             }
         }
     }
@@ -239,10 +245,13 @@ impl<H: Handler> Session<H> {
         self.connection.queue_reply(&reply);
         let mut flow = Flow::Continue;
         if reply.closes_connection() {
+            self.end
+                .get_or_insert_with(|| format!("sent {}", reply.summary()));
             flow = Flow::Close;
         } else if self.errors > self.config.limits.max_errors {
             tracing::info!(client = %self.client.peer.ip(), errors = self.errors, "error limit reached");
             self.connection.queue_reply(&Reply::too_many_errors());
+            self.end = Some("error limit reached".to_string());
             flow = Flow::Close;
         }
         if (flow == Flow::Close || !self.connection.has_buffered_input())
@@ -296,6 +305,7 @@ impl<H: Handler> Session<H> {
             Request::Help { .. } => self.reply(Reply::help()).await,
             Request::Vrfy { .. } => self.reply(Reply::cannot_verify()).await,
             Request::Quit => {
+                self.end = Some("client sent QUIT".to_string());
                 self.end_transaction().await;
                 self.reply(Reply::closing(&self.config.hostname)).await;
                 Flow::Close
@@ -593,7 +603,12 @@ impl<H: Handler> Session<H> {
                     client = %self.client.peer.ip(),
                     helo = %self.client.helo,
                     sender = %envelope.sender_text(),
-                    recipients = envelope.recipients.len(),
+                    recipients = %envelope
+                        .recipients
+                        .iter()
+                        .map(|r| r.address.to_smtp())
+                        .collect::<Vec<_>>()
+                        .join(","),
                     duration_ms = transaction.started.elapsed().as_millis() as u64,
                     "transaction abandoned without a message"
                 );
