@@ -131,6 +131,13 @@ impl TestServer {
 
     /// Starts wsmtp with a complete configuration text (listen on port 0).
     pub async fn start_yaml(yaml: &str, db: Option<TestDb>) -> TestServer {
+        // Logs when RUST_LOG is set, e.g. RUST_LOG=wsmtp=debug.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let parsed = Config::parse(yaml, None)
             .unwrap_or_else(|problems| panic!("test config invalid: {problems:?}\n{yaml}"));
         let queue = match &parsed.queue {
