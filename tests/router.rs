@@ -357,3 +357,70 @@ async fn directory_changes_apply_without_restart() {
     client.expect("RCPT TO:<newcomer@example.com>", 250).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn forward_loop_stops_on_second_pass() {
+    let sink = Sink::start().await;
+    let server = TestServer::start(TestConfig::new(&[sink.addr])).await;
+    let db = server.db.as_ref().expect("db").connect().await;
+    add_account(
+        &db,
+        "erin",
+        &["erin@example.com"],
+        None,
+        &["erin@example.org"],
+    )
+    .await;
+    wait_until_current(&db, server.directory.as_ref().expect("directory")).await;
+
+    let mut client = server.connect_from("127.0.0.2").await;
+    client.expect("EHLO sender.example", 250).await;
+    // First pass: forwarded, with a Delivered-To trace in front.
+    let first = send(
+        &mut client,
+        "friend@example.net",
+        &["erin@example.com"],
+        b"Subject: loop\r\n\r\nx\r\n",
+    )
+    .await;
+    let detail = wait_routed(&server, first).await;
+    assert_eq!(
+        deliveries(&detail),
+        vec![(
+            "erin@example.org".into(),
+            "remote".into(),
+            "domain:example.org".into()
+        )]
+    );
+    let prefix: Vec<u8> = db
+        .query_one(
+            "SELECT header_prefix FROM deliveries WHERE message_id = $1",
+            &[&first],
+        )
+        .await
+        .expect("prefix")
+        .get(0);
+    assert_eq!(prefix, b"Delivered-To: erin@example.com\r\n");
+
+    // The forwarded copy comes back carrying that trace: not forwarded again.
+    let returned = b"Delivered-To: erin@example.com\r\nSubject: loop\r\n\r\nx\r\n";
+    let second = send(
+        &mut client,
+        "friend@example.net",
+        &["erin@example.com"],
+        returned,
+    )
+    .await;
+    let detail = wait_routed(&server, second).await;
+    assert!(detail.deliveries.is_empty(), "{:?}", detail.deliveries);
+    assert_eq!(detail.recipients[0].state, "failed");
+    let resolution = detail.recipients[0]
+        .resolution
+        .as_deref()
+        .expect("resolution");
+    assert!(
+        resolution.contains("5.4.6 mail forwarding loop"),
+        "{resolution}"
+    );
+    server.stop().await;
+}

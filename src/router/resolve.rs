@@ -303,6 +303,7 @@ impl Expansion<'_> {
         // so the mailbox sees which one was used.
         let address = requested.to_string();
         let mut methods = 0;
+        let mut failure = None;
 
         if let Some(mailbox) = &account.mailbox {
             methods += 1;
@@ -335,6 +336,7 @@ impl Expansion<'_> {
                 self.routing.events.push(format!(
                     "forward loop: message already delivered to {address}"
                 ));
+                failure = Some(format!("5.4.6 mail forwarding loop for {address}"));
             } else if step.depth >= self.limits.max_depth {
                 self.routing.events.push(format!(
                     "expansion depth {} reached at {address}",
@@ -382,7 +384,8 @@ impl Expansion<'_> {
                 account.name
             ));
         }
-        None
+        // Reported only when nothing else was delivered for the recipient.
+        failure
     }
 
     fn plan(
