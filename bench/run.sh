@@ -3,7 +3,7 @@
 # Benchmarks wsmtp against Postfix on this machine, side by side in one run:
 #
 #   (a) pass-through rate: 4 KiB messages relayed to smtp-sink, with 1 and
-#       with 10 recipients per message, 50 parallel sessions. wsmtp answers
+#       with 10 recipients per message, 50 parallel sessions. wsmtp replies
 #       250 only after the sink has, so its rate is smtp-source's elapsed
 #       time. Postfix's rate is end to end: from the start of smtp-source
 #       until its log shows every recipient as status=sent.
@@ -26,6 +26,8 @@
 #   PG_URL=postgres://postgres@127.0.0.1:5432   PostgreSQL, without database
 #   BENCH_DB=wsmtp_bench   dropped and recreated for every spool run
 #   WSMTP_BIN=target/release/wsmtp   (build it first: cargo build --release)
+#   WSMTP_COMMIT=     commit WSMTP_BIN was built from, for the report;
+#                     empty reports the repository's HEAD
 #   DOC=docs/benchmarks.md   where results are written; DOC= skips it
 #   STEP_TIMEOUT=900  seconds allowed for each load step
 #   POSTFIX_CONCURRENCY=20  Postfix's parallel deliveries to the sink
@@ -65,6 +67,7 @@ STEP_TIMEOUT=${STEP_TIMEOUT:-900}
 # Postfix's parallel deliveries to the sink; 20 is Postfix's default.
 POSTFIX_CONCURRENCY=${POSTFIX_CONCURRENCY:-20}
 KEEP_WORK=${KEEP_WORK:-0}
+WSMTP_COMMIT=${WSMTP_COMMIT:-}
 
 # The 100 MiB memory test must stay within this much of the 4 KiB one.
 RSS_TARGET_KIB=32768
@@ -80,11 +83,19 @@ POSTFIX_DATA=/var/lib/$POSTFIX_INSTANCE
 MAILLOG=/var/log/$POSTFIX_INSTANCE.log
 
 WORK=""
+WSMTP_SERVE_OPTIONS=()
 WSMTP_PID=""
 SINK_PID=""
 TAIL_PID=""
 GREP_PID=""
 POSTFIX_STARTED=0
+# Set once this run has created the Postfix queue, data directory and log,
+# so cleanup never deletes those of an instance that another run started.
+POSTFIX_FILES_OWNED=0
+
+# Counts runs that failed or were discarded; a run with failures keeps the
+# work directory for inspection.
+FAILED_RUNS=0
 
 log() {
     printf '%s %s\n' "$(date +%H:%M:%S)" "$*" >&2
@@ -154,9 +165,11 @@ cleanup() {
     [[ -n $SINK_PID ]] && stop_pid "$SINK_PID"
     if [[ -n $WORK ]]; then
         drop_bench_db 2>/dev/null
-        rm -rf "$POSTFIX_QUEUE" "$POSTFIX_DATA"
-        [[ -f $MAILLOG ]] && mv "$MAILLOG" "$WORK/postfix-maillog"
-        if [[ $KEEP_WORK == 1 || $status != 0 ]]; then
+        if [[ $POSTFIX_FILES_OWNED == 1 ]]; then
+            rm -rf "$POSTFIX_QUEUE" "$POSTFIX_DATA"
+            [[ -f $MAILLOG ]] && mv "$MAILLOG" "$WORK/postfix-maillog"
+        fi
+        if [[ $KEEP_WORK == 1 || $status != 0 || $FAILED_RUNS != 0 ]]; then
             log "logs and configurations kept in $WORK"
         else
             rm -rf "$WORK"
@@ -235,9 +248,9 @@ expect_setting() {
     [[ $actual == "$2" ]] || die "unsafe Postfix setting $1 = '$actual' (expected '$2')"
 }
 
-# Refuses to start the Postfix instance unless its configuration is the safe
-# loopback-only one: one inet service on 127.0.0.1, no DNS, relaying only to
-# the sink, no local delivery.
+# Exits unless the Postfix instance's configuration is the safe loopback-only
+# one: one inet service on 127.0.0.1, no DNS, relaying only to the sink, no
+# local delivery.
 check_postfix_config() {
     local conf=$WORK/postfix
     postconf -c "$conf" -n >"$WORK/postconf-n.txt"
@@ -273,6 +286,7 @@ start_postfix() {
     if postfix_master_pid >/dev/null; then
         die "a Postfix instance already uses $POSTFIX_QUEUE; stop it with postfix -c <its config directory> stop"
     fi
+    POSTFIX_FILES_OWNED=1
     rm -rf "$POSTFIX_QUEUE" "$POSTFIX_DATA"
     install -d -m 755 -o root "$POSTFIX_QUEUE"
     install -d -m 700 -o postfix "$POSTFIX_DATA"
@@ -289,9 +303,9 @@ start_postfix() {
 
 start_wsmtp() {
     local label=$1
-    note_command "DATABASE_URL=$PG_URL/$BENCH_DB wsmtp serve --config wsmtp.yaml"
+    note_command "DATABASE_URL=$PG_URL/$BENCH_DB wsmtp serve --config wsmtp.yaml ${WSMTP_SERVE_OPTIONS[*]}"
     env -u RUST_LOG DATABASE_URL="$PG_URL/$BENCH_DB" \
-        "$WORK/wsmtp" serve --config "$WORK/wsmtp.yaml" 2>"$WORK/wsmtp-$label.log" &
+        "$WORK/wsmtp" serve --config "$WORK/wsmtp.yaml" "${WSMTP_SERVE_OPTIONS[@]}" 2>"$WORK/wsmtp-$label.log" &
     WSMTP_PID=$!
     wait_for_port "$WSMTP_PORT" "$WSMTP_PID" || die "wsmtp did not start; see $WORK/wsmtp-$label.log"
 }
@@ -308,6 +322,15 @@ fresh_bench_db() {
     env -u RUST_LOG DATABASE_URL="$PG_URL/$BENCH_DB" \
         "$WORK/wsmtp" migrate --config "$WORK/wsmtp.yaml" >>"$WORK/migrate.log" 2>&1 ||
         die "wsmtp migrate failed; see $WORK/migrate.log"
+    # Builds with an account directory accept only addresses it contains at
+    # a local domain, so one account takes the catch-all @example.com. The
+    # listener alone never delivers to its Maildir.
+    if "$WORK/wsmtp" accounts --help >/dev/null 2>&1; then
+        env -u RUST_LOG DATABASE_URL="$PG_URL/$BENCH_DB" \
+            "$WORK/wsmtp" accounts --config "$WORK/wsmtp.yaml" \
+            add bench --address "@$LOCAL_DOMAIN" --maildir "$WORK/maildir" >>"$WORK/migrate.log" 2>&1 ||
+            die "adding the catch-all account for $LOCAL_DOMAIN failed; see $WORK/migrate.log"
+    fi
 }
 
 bench_sql() {
@@ -328,8 +351,8 @@ record() {
     printf '%s\t%s\t%s\n' "$1" "$2" "$3" >>"$WORK/results.tsv"
 }
 
-# Sum of utime and stime (and of reaped children) of the given PIDs, in
-# clock ticks. Processes that exited meanwhile are skipped.
+# Prints the sum of utime and stime (and of reaped children) of the given
+# PIDs, in clock ticks. Processes that exited meanwhile are skipped.
 cpu_ticks() {
     local pid
     for pid in "$@"; do
@@ -337,7 +360,7 @@ cpu_ticks() {
     done | sed 's/^.*) //' | awk '{ sum += $12 + $13 + $14 + $15 } END { print sum + 0 }'
 }
 
-# CPU of the Postfix instance: the master, its live children, and (through
+# Prints the CPU ticks of the Postfix instance: the master, its live children, and (through
 # the master's cutime and cstime) every child that has exited.
 postfix_cpu_ticks() {
     local master
@@ -346,7 +369,7 @@ postfix_cpu_ticks() {
     cpu_ticks "$master" $(ps -o pid= --ppid "$master")
 }
 
-# CPU of the PostgreSQL backends serving the bench database.
+# Prints the CPU ticks of the PostgreSQL backends serving the bench database.
 pg_backend_cpu_ticks() {
     # shellcheck disable=SC2046
     cpu_ticks $(pgrep -f "^postgres: .* $BENCH_DB " || true)
@@ -375,6 +398,7 @@ run_source() {
     SOURCE_START=$EPOCHREALTIME
     if ! timeout "$STEP_TIMEOUT" "${command[@]}" >>"$WORK/smtp-source.log" 2>&1; then
         log "smtp-source failed or timed out: ${command[*]} (see $WORK/smtp-source.log)"
+        FAILED_RUNS=$((FAILED_RUNS + 1))
         return 1
     fi
     SOURCE_END=$EPOCHREALTIME
@@ -388,7 +412,7 @@ rate() {
     awk -v n="$1" -v s="$2" 'BEGIN { printf "%.1f", n / s }'
 }
 
-# Pass-through through wsmtp: a fresh process relays to the sink.
+# Measures wsmtp's pass-through rate; a fresh process relays to the sink.
 wsmtp_passthrough_run() {
     local run=$1 recipients=$2 key="a.rcpt$2"
     start_wsmtp "pass-r$recipients-$run"
@@ -404,12 +428,13 @@ wsmtp_passthrough_run() {
             log "wsmtp pass-through, $recipients rcpt, run $run: $seconds s, $(rate "$MESSAGES" "$seconds") msg/s"
         else
             log "wsmtp logged $passed of $MESSAGES messages as passed through; run $run discarded"
+            FAILED_RUNS=$((FAILED_RUNS + 1))
         fi
     fi
     stop_wsmtp
 }
 
-# Spooling into wsmtp's queue: a fresh database and a fresh process.
+# Measures wsmtp's spool rate with a fresh database and a fresh process.
 wsmtp_spool_run() {
     local run=$1 recipients=$2 key="b.rcpt$2"
     fresh_bench_db
@@ -427,7 +452,8 @@ wsmtp_spool_run() {
             record "$key.postgres.cpu" "$run" "$(ticks_to_ms_per_message $((pg_after - pg_before)) "$MESSAGES")"
             log "wsmtp spool, $recipients rcpt, run $run: $seconds s, $(rate "$MESSAGES" "$seconds") msg/s"
         else
-            log "queue holds $ready ready messages and $stored_recipients recipients, expected $MESSAGES and $((MESSAGES * recipients)); run $run discarded"
+            log "queue contains $ready ready messages and $stored_recipients recipients, expected $MESSAGES and $((MESSAGES * recipients)); run $run discarded"
+            FAILED_RUNS=$((FAILED_RUNS + 1))
         fi
     fi
     stop_wsmtp
@@ -450,9 +476,10 @@ empty_postfix_queue() {
     die "the Postfix queue did not become empty"
 }
 
-# Postfix relaying to the sink. The rate is end to end: from the start of
-# smtp-source until the log holds status=sent for every recipient. A FIFO
-# feeds the new log lines to grep -m, which exits at the last expected line.
+# Measures Postfix relaying to the sink. The rate is end to end: from the
+# start of smtp-source until the log contains status=sent for every
+# recipient. A FIFO feeds the new log lines to grep -m, which exits at the
+# last expected line.
 # Arguments: run, recipients, messages, sessions, size, result key.
 postfix_relay_run() {
     local run=$1 recipients=$2 count=$3 sessions=$4 size=$5 key=$6
@@ -465,8 +492,8 @@ postfix_relay_run() {
     mkfifo "$fifo"
     tail -c +$((offset + 1)) -F "$MAILLOG" >"$fifo" 2>/dev/null &
     TAIL_PID=$!
-    # With its output on /dev/null, GNU grep 3.8 ignores -m and reads to the
-    # end of the input, so the count goes to a file.
+    # GNU grep 3.8 (Debian 12) does not exit after -m matches when its output
+    # is /dev/null, so the count goes to a file.
     timeout "$STEP_TIMEOUT" grep -c -m "$expected" -F 'status=sent' <"$fifo" >"$WORK/sent-count" &
     GREP_PID=$!
 
@@ -478,6 +505,7 @@ postfix_relay_run() {
             ok=1
         else
             log "Postfix did not log $expected deliveries within $STEP_TIMEOUT s"
+            FAILED_RUNS=$((FAILED_RUNS + 1))
         fi
     fi
     stop_pid "$GREP_PID"
@@ -493,6 +521,7 @@ postfix_relay_run() {
         grep -cE 'status=(deferred|bounced|expired)|postfix/[a-z-]+\[[0-9]+\]: (error|fatal|panic):' || true)
     if [[ $failures != 0 ]]; then
         log "Postfix logged $failures deferrals, bounces or errors during run $run; run discarded (see $WORK/postfix-maillog)"
+        FAILED_RUNS=$((FAILED_RUNS + 1))
         return 0
     fi
     local accepted_seconds=$(elapsed "$SOURCE_START" "$SOURCE_END")
@@ -504,7 +533,8 @@ postfix_relay_run() {
     log "Postfix relay, $recipients rcpt, $count x $size B, run $run: accepted in $accepted_seconds s, delivered in $total_seconds s, $(rate "$count" "$total_seconds") msg/s end to end"
 }
 
-# Postfix accepting mail into its hold queue: the rate is smtp-source's.
+# Measures how fast Postfix accepts mail into its hold queue, from
+# smtp-source's elapsed time.
 postfix_hold_run() {
     local run=$1 recipients=$2 key="b.rcpt$2"
     empty_postfix_queue
@@ -516,6 +546,7 @@ postfix_hold_run() {
     held=$(find "$POSTFIX_QUEUE/hold" -type f | wc -l)
     if [[ $held != "$MESSAGES" ]]; then
         log "Postfix hold queue has $held messages, expected $MESSAGES; run $run discarded"
+        FAILED_RUNS=$((FAILED_RUNS + 1))
         return 0
     fi
     record "$key.postfix.rate" "$run" "$(rate "$MESSAGES" "$seconds")"
@@ -523,8 +554,8 @@ postfix_hold_run() {
     log "Postfix hold, $recipients rcpt, run $run: $seconds s, $(rate "$MESSAGES" "$seconds") msg/s"
 }
 
-# One message through a fresh wsmtp process; records VmHWM after start and
-# after the message. Arguments: run, size, domain, key.
+# Sends one message through a fresh wsmtp process and records VmHWM after
+# start and after the message. Arguments: run, size, domain, key.
 wsmtp_memory_run() {
     local run=$1 size=$2 domain=$3 key=$4
     [[ $domain == "$LOCAL_DOMAIN" ]] && fresh_bench_db
@@ -587,16 +618,20 @@ kib_to_mib() {
 }
 
 machine_report() {
-    local cpu memory pg_version postfix_version commit built
+    local cpu memory pg_version postfix_version commit
     cpu=$(awk -F ': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
     memory=$(awk '/^MemTotal:/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)
     pg_version=$(psql "$PG_URL/postgres" -qXAt -c 'SHOW server_version')
     postfix_version=$(postconf -h mail_version)
-    commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-    if [[ -n $(git --no-optional-locks -C "$ROOT" status --porcelain -- src migrations Cargo.toml Cargo.lock 2>/dev/null) ]]; then
-        commit="$commit with uncommitted changes to the sources"
+    if [[ -n $WSMTP_COMMIT ]]; then
+        commit="commit $WSMTP_COMMIT"
+    else
+        commit="the repository was at commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+        if [[ -n $(git --no-optional-locks -C "$ROOT" status --porcelain -- src migrations Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+            commit="$commit with uncommitted changes to the sources"
+        fi
     fi
-    built=$(date -u -r "$WSMTP_BIN" '+%Y-%m-%d %H:%M UTC')
+
     local settings
     settings=$(psql "$PG_URL/postgres" -qXAt -F ' = ' -c "SELECT name, current_setting(name) FROM pg_settings
         WHERE name IN ('synchronous_commit', 'fsync', 'wal_sync_method', 'shared_buffers', 'max_connections')
@@ -609,7 +644,7 @@ machine_report() {
 - Kernel: $(uname -r)
 - PostgreSQL $pg_version ($settings)
 - Postfix $postfix_version
-- wsmtp: release build of $built; the repository was at commit $commit when the report was written
+- wsmtp: $commit; binary built $WSMTP_BUILT, SHA-256 $WSMTP_SHA256...
 - Load average (1, 5, 15 min) at start: $LOAD_START; at end: $(cut -d ' ' -f 1-3 /proc/loadavg)
 EOF
 }
@@ -736,6 +771,10 @@ write_report() {
         echo
         postfix_warnings_report
         echo
+        if ((FAILED_RUNS > 0)); then
+            echo "$FAILED_RUNS runs failed or were discarded; medians use the remaining runs."
+            echo
+        fi
         echo "### Commands"
         echo
         echo "Run by bench/run.sh (MESSAGES=$MESSAGES RUNS=$RUNS SESSIONS=$SESSIONS POSTFIX_CONCURRENCY=$POSTFIX_CONCURRENCY), configurations from"
@@ -787,7 +826,16 @@ main() {
     # A private copy, so a build in the shared target directory cannot
     # replace the binary halfway through.
     cp "$WSMTP_BIN" "$WORK/wsmtp"
+    WSMTP_BUILT=$(date -u -r "$WSMTP_BIN" '+%Y-%m-%d %H:%M UTC')
+    WSMTP_SHA256=$(sha256sum "$WORK/wsmtp" | cut -c 1-12)
     render "$BENCH_DIR/wsmtp.yaml.in" "$WORK/wsmtp.yaml"
+    # Builds with a router tier would route spooled mail while the spool
+    # test runs. Postfix's hold queue routes nothing, so only the listener
+    # runs; builds without --roles run only the listener anyway.
+    WSMTP_SERVE_OPTIONS=()
+    if "$WORK/wsmtp" serve --help 2>/dev/null | grep -q -- '--roles'; then
+        WSMTP_SERVE_OPTIONS=(--roles listener)
+    fi
     "$WORK/wsmtp" check --config "$WORK/wsmtp.yaml" >&2 || die "the wsmtp benchmark configuration is invalid"
 
     start_sink
