@@ -231,18 +231,15 @@ impl SpoolWriter {
             .transaction()
             .await
             .map_err(|e| pg_error(ACTION, id, e))?;
-        if !self.row_inserted {
-            self.row_may_exist = true;
-            self.insert_message(&tx).await?;
-        }
 
         // An empty body has no chunks. Otherwise the buffer contains the last
         // chunk, because write() flushes only when more data follows.
-        let mut chunk_count = self.next_seq;
-        if !self.buffer.is_empty() {
-            insert_chunk(&tx, id, self.next_seq, &self.buffer).await?;
-            chunk_count += 1;
+        let insert_row = !self.row_inserted;
+        if insert_row {
+            self.row_may_exist = true;
         }
+        let last_chunk = (!self.buffer.is_empty()).then_some(self.next_seq);
+        let chunk_count = self.next_seq + i32::from(last_chunk.is_some());
 
         let addresses: Vec<&str> = recipients.iter().map(|r| r.address.as_str()).collect();
         let route_groups: Vec<Option<&str>> = recipients
@@ -251,24 +248,64 @@ impl SpoolWriter {
             .collect();
         let orcpts: Vec<Option<&str>> = recipients.iter().map(|r| r.orcpt.as_deref()).collect();
         let notifies: Vec<Option<&str>> = recipients.iter().map(|r| r.notify.as_deref()).collect();
-        execute_cached(
-            &tx,
-            ACTION,
-            id,
-            INSERT_RECIPIENTS,
-            &[&id, &addresses, &route_groups, &orcpts, &notifies],
-        )
-        .await?;
-
         let digest = self.hasher.clone().finalize();
-        let updated = execute_cached(
-            &tx,
-            ACTION,
-            id,
-            MARK_READY,
-            &[&id, &self.size, &chunk_count, &digest.as_slice()],
+
+        // The statements are issued together, so tokio-postgres pipelines
+        // them: one round trip instead of four for a message that fits in one
+        // chunk. They are prepared first (from the connection's cache after
+        // its first message), so the executions leave in this order;
+        // PostgreSQL runs them in order within the transaction, and after a
+        // failure the later ones fail too, so the first error is the one
+        // reported.
+        let (insert_message, insert_chunk, insert_recipients, mark_ready) = tokio::try_join!(
+            tx.prepare_cached(INSERT_MESSAGE),
+            tx.prepare_cached(INSERT_CHUNK),
+            tx.prepare_cached(INSERT_RECIPIENTS),
+            tx.prepare_cached(MARK_READY),
         )
-        .await?;
+        .map_err(|e| pg_error(ACTION, id, e))?;
+
+        let envelope = &self.envelope;
+        let ttl_seconds = self.queue.inner.receiving_ttl.as_secs_f64();
+        let message_params: [&(dyn tokio_postgres::types::ToSql + Sync); 9] = [
+            &envelope.id,
+            &envelope.sender,
+            &envelope.client_ip,
+            &envelope.helo,
+            &envelope.smtputf8,
+            &envelope.body_type,
+            &envelope.dsn_ret,
+            &envelope.dsn_envid,
+            &ttl_seconds,
+        ];
+        let chunk_data: &[u8] = &self.buffer;
+        let chunk_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&id, &self.next_seq, &chunk_data];
+        let recipient_params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&id, &addresses, &route_groups, &orcpts, &notifies];
+        let digest = digest.as_slice();
+        let ready_params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&id, &self.size, &chunk_count, &digest];
+
+        let message_row = async {
+            if insert_row {
+                tx.execute(&insert_message, &message_params).await?;
+            }
+            Ok(())
+        };
+        let last_chunk_row = async {
+            if last_chunk.is_some() {
+                tx.execute(&insert_chunk, &chunk_params).await?;
+            }
+            Ok(())
+        };
+        let (_, _, _, updated) = tokio::try_join!(
+            message_row,
+            last_chunk_row,
+            tx.execute(&insert_recipients, &recipient_params),
+            tx.execute(&mark_ready, &ready_params),
+        )
+        .map_err(|e: tokio_postgres::Error| pg_error(ACTION, id, e))?;
         if updated != 1 {
             return Err(QueueError::NotReceiving { id }.into());
         }
