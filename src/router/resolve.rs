@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use crate::directory::{Account, DomainKind, Lookup, Snapshot, normalise_address};
 
-/// How a delivery reaches its destination.
+/// The transport of a delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeliveryKind {
     /// To an account's mailbox (Maildir or LMTP).
@@ -74,7 +74,7 @@ pub struct PlannedAutoReply {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RecipientOutcome {
     pub recipient_id: i64,
-    /// What the recipient resolved to, for `queue show`.
+    /// The recipient's resolution as text, for `queue show`.
     pub resolution: String,
     /// Set when nothing could be delivered: the reason, for the bounce.
     pub failure: Option<String>,
@@ -412,8 +412,9 @@ impl Expansion<'_> {
             sender: step.sender.clone(),
             header_prefix: step.header_prefix.clone(),
             trace,
-            // ORCPT and NOTIFY belong to the envelope recipient (RFC 3461 §4.2);
-            // they pass to deliveries of the same address only.
+            // ORCPT names the envelope recipient (RFC 3461 §4.2), so only a
+            // delivery made without expansion keeps it. NOTIFY keeps applying
+            // to every delivery the recipient expands to.
             orcpt: if step.depth == 0 {
                 recipient.orcpt.clone()
             } else {
