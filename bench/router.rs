@@ -239,6 +239,7 @@ async fn run_once(
         max_depth: 10,
         poll_interval: Duration::from_millis(250),
         hostname: "mx.bench.example".to_owned(),
+        relay_domains: Default::default(),
     };
     let router = Arc::new(Router::new(queue.clone(), directory, settings));
 

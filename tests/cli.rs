@@ -84,6 +84,16 @@ fn check_reports_yaml_errors_with_line() {
     assert!(stderr.contains("line 4"), "{stderr}");
 }
 
+/// A server process that is killed if the test fails before stopping it.
+struct ServerProcess(std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address").port()
@@ -147,12 +157,14 @@ async fn migrate_then_serve_then_sigterm() {
         .await
         .expect("add account");
 
-    let mut server = wsmtp()
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start wsmtp serve");
+    let mut server = ServerProcess(
+        wsmtp()
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start wsmtp serve"),
+    );
     let stream = connect_with_retry(port);
     stream
         .set_read_timeout(Some(Duration::from_secs(20)))
@@ -214,7 +226,7 @@ async fn migrate_then_serve_then_sigterm() {
 
     // SIGTERM: the idle session gets 421 and the process exits cleanly.
     let status = Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
+        .args(["-TERM", &server.0.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
@@ -222,7 +234,7 @@ async fn migrate_then_serve_then_sigterm() {
     assert!(line.starts_with("421 4.3.2"), "{line}");
     let deadline = Instant::now() + Duration::from_secs(20);
     let exit = loop {
-        if let Some(exit) = server.try_wait().expect("wait") {
+        if let Some(exit) = server.0.try_wait().expect("wait") {
             break exit;
         }
         assert!(
@@ -234,6 +246,7 @@ async fn migrate_then_serve_then_sigterm() {
     assert!(exit.success(), "exit status {exit:?}");
     let mut log = String::new();
     server
+        .0
         .stderr
         .take()
         .expect("stderr")

@@ -56,6 +56,7 @@ async fn router(db: &TestDb, lease: Duration) -> Router {
         max_depth: 10,
         poll_interval: Duration::from_millis(20),
         hostname: "mx.test.example".into(),
+        relay_domains: Default::default(),
     };
     Router::new(queue, directory, settings)
 }

@@ -66,7 +66,7 @@ pub enum QueueCommand {
     /// List queued messages, oldest first.
     List {
         /// Only messages in this state: receiving or ready.
-        #[arg(long)]
+        #[arg(long, value_parser = ["receiving", "ready"])]
         state: Option<String>,
         /// Maximum number of messages shown.
         #[arg(long, default_value_t = 100)]
@@ -178,9 +178,12 @@ fn init_logging(config: &Config) {
             config.log.filter
         ))
     });
+    // Colour only for a terminal: logs redirected to a file stay plain text.
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     let result = match config.log.format {
         crate::config::LogFormat::Text => builder.try_init(),
         crate::config::LogFormat::Json => builder.json().try_init(),

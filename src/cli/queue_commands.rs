@@ -48,8 +48,11 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
             println!("{} message(s)", messages.len());
         }
         QueueCommand::Show { id, body } => {
-            let id =
-                uuid::Uuid::parse_str(&id).with_context(|| format!("invalid queue id {id:?}"))?;
+            let id = uuid::Uuid::parse_str(&id).with_context(|| {
+                format!(
+                    "invalid queue id {id:?}; expected the 32 hex digits that `queue list` prints"
+                )
+            })?;
             let Some(message) = queue.show(id).await? else {
                 anyhow::bail!("message {} not found in the queue", id.simple());
             };

@@ -118,6 +118,7 @@ fn router_settings(config: &Config) -> RouterSettings {
         max_depth: config.router.max_depth,
         poll_interval: config.router.poll_interval,
         hostname: config.hostname.clone(),
+        relay_domains: config.relay.relay_domains.clone(),
     }
 }
 

@@ -128,7 +128,7 @@ pub enum AutoReplyOutcome {
 impl std::fmt::Display for AutoReplyOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            AutoReplyOutcome::Sent(id) => write!(f, "auto-reply queued as {id}"),
+            AutoReplyOutcome::Sent(id) => write!(f, "auto-reply queued as {}", id.simple()),
             AutoReplyOutcome::Suppressed(reason) => {
                 write!(f, "auto-reply suppressed ({}): {reason}", reason.code())
             }

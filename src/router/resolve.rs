@@ -7,7 +7,7 @@
 //! remote addresses, removes duplicates so each address gets one copy,
 //! detects cycles and caps the depth. Nothing here touches the database.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::directory::{Account, DomainKind, Lookup, Snapshot, normalise_address};
 
@@ -107,6 +107,8 @@ pub struct MessageFacts<'a> {
 
 struct Expansion<'a> {
     snapshot: &'a Snapshot,
+    /// Relay domains of the configuration, with their groups.
+    relay_domains: &'a BTreeMap<String, String>,
     facts: &'a MessageFacts<'a>,
     limits: ResolveLimits,
     routing: MessageRouting,
@@ -135,9 +137,11 @@ pub fn resolve_message(
     facts: &MessageFacts<'_>,
     recipients: &[EnvelopeRecipient],
     limits: ResolveLimits,
+    relay_domains: &BTreeMap<String, String>,
 ) -> MessageRouting {
     let mut expansion = Expansion {
         snapshot,
+        relay_domains,
         facts,
         limits,
         routing: MessageRouting::default(),
@@ -269,6 +273,20 @@ impl Expansion<'_> {
             Lookup::NotInDirectory => {
                 if domain.is_empty() {
                     return Some(format!("5.1.3 address without a domain: {address}"));
+                }
+                if let Some(group) = self.relay_domains.get(domain) {
+                    // A relay domain of the configuration: its mail goes to
+                    // its group, as the listener would pass it through.
+                    let trace = join_trace(&step.trace, &format!("relay domain {domain}"));
+                    self.plan(
+                        recipients,
+                        step,
+                        address,
+                        DeliveryKind::Relay,
+                        format!("group:{group}"),
+                        trace,
+                    );
+                    return None;
                 }
                 let trace = join_trace(&step.trace, "remote");
                 self.plan(

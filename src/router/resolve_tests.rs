@@ -79,7 +79,14 @@ fn route(snapshot: &Snapshot, addresses: &[&str], delivered_to: &[&str]) -> Mess
         &facts,
         &recipients(addresses),
         ResolveLimits { max_depth: 10 },
+        &relay_domains(),
     )
+}
+
+fn relay_domains() -> std::collections::BTreeMap<String, String> {
+    [("example.net".to_string(), "legacy".to_string())]
+        .into_iter()
+        .collect()
 }
 
 fn summary(routing: &MessageRouting) -> Vec<(String, &'static str, String)> {
@@ -240,6 +247,15 @@ fn unknown_local_address_fails() {
 }
 
 #[test]
+fn configured_relay_domain_goes_to_its_group() {
+    let routing = route(&base(), &["bob@example.net"], &[]);
+    assert_eq!(
+        summary(&routing),
+        vec![("bob@example.net".into(), "relay", "group:legacy".into())]
+    );
+}
+
+#[test]
 fn unknown_migrating_address_goes_to_legacy_group() {
     let routing = route(&base(), &["someone@old.example"], &[]);
     assert_eq!(
@@ -357,7 +373,8 @@ fn batches_group_by_destination_and_cap_size() {
     let routing = route(&base(), &all, &[]);
     let batches = plan_batches(&routing.deliveries, 20);
     let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
-    assert_eq!(sizes, vec![1, 20, 20, 5]);
-    let first_org = &routing.deliveries[batches[1][0]];
+    // domain:example.org sorts before group:legacy (example.net is a relay domain).
+    assert_eq!(sizes, vec![20, 20, 5, 1]);
+    let first_org = &routing.deliveries[batches[0][0]];
     assert_eq!(first_org.address, "user00@example.org", "sorted by address");
 }

@@ -44,6 +44,8 @@ pub struct RouterSettings {
     pub poll_interval: Duration,
     /// Host name for generated messages.
     pub hostname: String,
+    /// Relay domains of the configuration and their groups.
+    pub relay_domains: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -284,6 +286,7 @@ impl Router {
             ResolveLimits {
                 max_depth: self.settings.max_depth,
             },
+            &self.settings.relay_domains,
         );
 
         let transaction = client.transaction().await?;
