@@ -177,6 +177,8 @@ pub enum Owner {
 pub enum Lookup<'a> {
     Account {
         account: &'a Account,
+        /// Position in [`Snapshot::accounts`].
+        index: usize,
         matched: &'a str,
     },
     List {
@@ -218,6 +220,7 @@ impl Snapshot {
         Some(match owner {
             Owner::Account(index) => Lookup::Account {
                 account: self.accounts.get(index as usize)?,
+                index: index as usize,
                 matched: stored,
             },
             Owner::List(index) => Lookup::List {

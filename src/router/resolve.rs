@@ -214,8 +214,8 @@ impl Expansion<'_> {
     ) -> Option<String> {
         let domain = address.rsplit_once('@').map(|(_, d)| d).unwrap_or("");
         match self.snapshot.lookup(address) {
-            Lookup::Account { account, .. } => {
-                self.resolve_account(recipients, step, account, address)
+            Lookup::Account { account, index, .. } => {
+                self.resolve_account(recipients, step, account, index, address)
             }
             Lookup::List { list, matched } => {
                 let key = format!("list {}", list.name);
@@ -307,6 +307,7 @@ impl Expansion<'_> {
         recipients: &[EnvelopeRecipient],
         step: &Step,
         account: &Account,
+        index: usize,
         requested: &str,
     ) -> Option<String> {
         let key = format!("account {}", account.name);
@@ -381,12 +382,6 @@ impl Expansion<'_> {
             && reply.enabled
         {
             methods += 1;
-            let index = self
-                .snapshot
-                .accounts
-                .iter()
-                .position(|a| a.id == account.id)
-                .unwrap_or(0);
             let already = self.routing.auto_replies.iter().any(|r| r.account == index);
             if !already {
                 self.routing.auto_replies.push(PlannedAutoReply {

@@ -120,6 +120,7 @@ impl Router {
     async fn worker_loop(&self, worker: usize, shutdown: CancellationToken) {
         tracing::info!(worker, owner = %self.owner, "router worker started");
         let mut failures: u32 = 0;
+        let mut empty_claims: u32 = 0;
         while !shutdown.is_cancelled() {
             let routed = match self.route_batch().await {
                 Ok(routed) => {
@@ -137,8 +138,18 @@ impl Router {
                 }
             };
             if routed > 0 {
+                empty_claims = 0;
                 continue;
             }
+            // A claim that raced another router's comes back empty although
+            // work remains, so one empty claim is retried at once; only a
+            // second one in a row means the queue is idle.
+            empty_claims += 1;
+            if empty_claims == 1 && failures == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                continue;
+            }
+            empty_claims = 0;
             tokio::select! {
                 () = self.wake.notified() => {}
                 () = tokio::time::sleep(self.settings.poll_interval) => {}
