@@ -106,7 +106,7 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// What to do with a NUL byte in message content.
+/// Policy for a NUL byte in message content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NulPolicy {

@@ -28,7 +28,7 @@ use crate::smtp::envelope::{Envelope, Recipient};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{ClientInfo, Handler};
 
-/// What every session of the listener shares.
+/// State shared by every session of the listener.
 pub struct Shared {
     pub config: Arc<Config>,
     pub queue: Option<Queue>,
@@ -38,7 +38,7 @@ pub struct Shared {
     pub router_wake: Option<Arc<Notify>>,
 }
 
-/// How the open transaction will be carried out.
+/// The mode of the open transaction.
 enum Mode {
     /// No recipient accepted yet.
     Undecided,
@@ -50,7 +50,7 @@ enum Mode {
     Spooling,
 }
 
-/// Where the message content goes while it streams.
+/// The destination of message content while it streams.
 enum Sink {
     None,
     Relay(Box<Relay>),
@@ -90,7 +90,7 @@ impl Intake {
     }
 
     /// Switches the transaction to spooling, closing a live relay. Without a
-    /// queue this is impossible and the reply says so.
+    /// queue this is impossible, and the returned reply explains why.
     async fn switch_to_spool(&mut self) -> Result<(), Reply> {
         if self.shared.queue.is_none() {
             return Err(Reply::mixed_routes_need_new_transaction());

@@ -3,7 +3,7 @@
 //! It sends commands and reads replies (RFC 5321 §4.2: multi-line replies
 //! with `code-` continuation lines), with a timeout on every wait and bounds on
 //! reply size, so a misbehaving server cannot stall or bloat a session. It
-//! knows nothing of transactions; the pass-through module builds those.
+//! has no notion of transactions; the pass-through module builds those.
 
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use tokio::net::TcpStream;
 
 /// Longest reply line accepted from a server.
 const MAX_REPLY_LINE: usize = 4096;
-/// Most lines in one reply.
+/// Maximum number of lines in one reply.
 const MAX_REPLY_LINES: usize = 100;
 
 #[derive(Debug, thiserror::Error)]

@@ -5,7 +5,7 @@
 //! Content goes to the handler in pieces as it arrives, never held whole. The
 //! first problem found stops the flow to the handler, but the rest of the
 //! content is still read so the session stays in step with the client; the
-//! handler is then told to abort and the client gets the problem's reply.
+//! handler's `abort_message` is then called and the client gets the problem's reply.
 
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use super::envelope::Envelope;
 use super::reply::Reply;
 use super::session::{ClientInfo, Handler, SessionConfig};
 
-/// How a message (or one BDAT chunk) ended.
+/// The end of a message (or of one BDAT chunk).
 #[derive(Debug)]
 pub enum MessageOutcome {
     /// The content is complete and accepted by every check; the handler must finish it.
@@ -24,9 +24,9 @@ pub enum MessageOutcome {
     ChunkAccepted,
     /// The final reply, from the handler.
     Final(Reply),
-    /// The content was refused with this reply; the handler was told to abort.
+    /// The content was refused with this reply; the handler's `abort_message` was called.
     Rejected(Reply),
-    /// The client closed, timed out or failed; the handler was told to abort.
+    /// The client closed, timed out or failed; the handler's `abort_message` was called.
     ClientGone(String),
 }
 

@@ -119,7 +119,7 @@ pub struct Session<H: Handler> {
     errors: usize,
     shutdown: CancellationToken,
     transactions: u64,
-    /// Why the session ended, when the server knows better than "closed".
+    /// Why the session ended, when there is a more precise reason than "closed".
     end: Option<String>,
 }
 
