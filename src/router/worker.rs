@@ -398,75 +398,111 @@ impl Router {
 
 /// Inserts batches and their deliveries; returns the number of batches.
 async fn write_deliveries(
-    transaction: &tokio_postgres::Transaction<'_>,
+    transaction: &deadpool_postgres::Transaction<'_>,
     message_id: QueueId,
     routing: &MessageRouting,
     batch_size: usize,
 ) -> Result<usize, RouterError> {
     let batches = plan_batches(&routing.deliveries, batch_size);
-    for batch in &batches {
-        let first = &routing.deliveries[batch[0]];
-        let batch_id: i64 = transaction
-            .query_one(
-                "INSERT INTO delivery_batches (message_id, destination, sender, recipients)
-                 VALUES ($1, $2, $3, $4) RETURNING id",
-                &[
-                    &message_id,
-                    &first.destination,
-                    &first.sender,
-                    &(batch.len() as i32),
-                ],
-            )
-            .await?
-            .get(0);
+    if batches.is_empty() {
+        return Ok(0);
+    }
 
-        let mut recipient_ids = Vec::with_capacity(batch.len());
-        let mut addresses = Vec::with_capacity(batch.len());
-        let mut kinds = Vec::with_capacity(batch.len());
-        let mut destinations = Vec::with_capacity(batch.len());
-        let mut prefixes: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
-        let mut traces = Vec::with_capacity(batch.len());
-        let mut orcpts = Vec::with_capacity(batch.len());
-        let mut notifies = Vec::with_capacity(batch.len());
+    // Three statements however many batches: batch ids are taken from the
+    // sequence first, so batches and deliveries go in with one INSERT each.
+    let reserve = transaction
+        .prepare_cached("SELECT nextval(pg_get_serial_sequence('delivery_batches', 'id')) FROM generate_series(1, $1)")
+        .await?;
+    let batch_ids: Vec<i64> = transaction
+        .query(&reserve, &[&(batches.len() as i32)])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+
+    let mut batch_destinations = Vec::with_capacity(batches.len());
+    let mut batch_senders = Vec::with_capacity(batches.len());
+    let mut batch_sizes = Vec::with_capacity(batches.len());
+    let mut delivery_batch_ids = Vec::with_capacity(routing.deliveries.len());
+    let mut recipient_ids = Vec::with_capacity(routing.deliveries.len());
+    let mut addresses = Vec::with_capacity(routing.deliveries.len());
+    let mut kinds = Vec::with_capacity(routing.deliveries.len());
+    let mut destinations = Vec::with_capacity(routing.deliveries.len());
+    let mut prefixes: Vec<&[u8]> = Vec::with_capacity(routing.deliveries.len());
+    let mut traces = Vec::with_capacity(routing.deliveries.len());
+    let mut orcpts = Vec::with_capacity(routing.deliveries.len());
+    let mut notifies = Vec::with_capacity(routing.deliveries.len());
+    for (batch, batch_id) in batches.iter().zip(&batch_ids) {
+        let first = &routing.deliveries[batch[0]];
+        batch_destinations.push(first.destination.as_str());
+        batch_senders.push(first.sender.as_str());
+        batch_sizes.push(batch.len() as i32);
         for index in batch {
             let delivery = &routing.deliveries[*index];
+            delivery_batch_ids.push(*batch_id);
             recipient_ids.push(delivery.recipient_id);
             addresses.push(delivery.address.as_str());
             kinds.push(delivery.kind.as_str());
             destinations.push(delivery.destination.as_str());
-            prefixes.push(delivery.header_prefix.as_bytes().to_vec());
+            prefixes.push(delivery.header_prefix.as_bytes());
             traces.push(delivery.trace.as_str());
             orcpts.push(delivery.orcpt.as_deref());
             notifies.push(delivery.notify.as_deref());
         }
-        transaction
-            .execute(
-                "INSERT INTO deliveries
-                     (message_id, batch_id, recipient_id, address, kind, destination, header_prefix, trace, orcpt, notify)
-                 SELECT $1, $2, * FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[], $7::bytea[],
-                                              $8::text[], $9::text[], $10::text[])",
-                &[
-                    &message_id,
-                    &batch_id,
-                    &recipient_ids,
-                    &addresses,
-                    &kinds,
-                    &destinations,
-                    &prefixes,
-                    &traces,
-                    &orcpts,
-                    &notifies,
-                ],
-            )
-            .await?;
     }
+
+    let insert_batches = transaction
+        .prepare_cached(
+            "INSERT INTO delivery_batches (id, message_id, destination, sender, recipients)
+             SELECT u.id, $1, u.destination, u.sender, u.recipients
+               FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[])
+                    AS u(id, destination, sender, recipients)",
+        )
+        .await?;
+    let insert_deliveries = transaction
+        .prepare_cached(
+            "INSERT INTO deliveries
+                 (message_id, batch_id, recipient_id, address, kind, destination, header_prefix, trace, orcpt, notify)
+             SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                                      $7::bytea[], $8::text[], $9::text[], $10::text[])",
+        )
+        .await?;
+    transaction
+        .execute(
+            &insert_batches,
+            &[
+                &message_id,
+                &batch_ids,
+                &batch_destinations,
+                &batch_senders,
+                &batch_sizes,
+            ],
+        )
+        .await?;
+    transaction
+        .execute(
+            &insert_deliveries,
+            &[
+                &message_id,
+                &delivery_batch_ids,
+                &recipient_ids,
+                &addresses,
+                &kinds,
+                &destinations,
+                &prefixes,
+                &traces,
+                &orcpts,
+                &notifies,
+            ],
+        )
+        .await?;
     Ok(batches.len())
 }
 
 /// Marks the claimed recipients routed or failed, where the lease still
 /// matches; returns how many rows matched.
 async fn mark_recipients(
-    transaction: &tokio_postgres::Transaction<'_>,
+    transaction: &deadpool_postgres::Transaction<'_>,
     owner: &str,
     claimed: &[Claimed],
     routing: &MessageRouting,
@@ -486,15 +522,17 @@ async fn mark_recipients(
         states.push(if failed { "failed" } else { "routed" });
         resolutions.push(outcome.map(|o| o.resolution.clone()).unwrap_or_default());
     }
-    let updated = transaction
-        .execute(
+    let statement = transaction
+        .prepare_cached(
             "UPDATE recipients r
                 SET state = u.state, resolution = u.resolution, lease_owner = NULL, lease_until = NULL,
                     last_reply = CASE WHEN u.state = 'failed' THEN u.resolution ELSE r.last_reply END
                FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[]) AS u(id, token, state, resolution)
               WHERE r.id = u.id AND r.lease_token = u.token AND r.lease_owner = $5 AND r.state = 'queued'",
-            &[&ids, &tokens, &states, &resolutions, &owner],
         )
+        .await?;
+    let updated = transaction
+        .execute(&statement, &[&ids, &tokens, &states, &resolutions, &owner])
         .await?;
     Ok(updated)
 }
