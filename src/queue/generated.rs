@@ -14,6 +14,7 @@
 
 use sha2::{Digest, Sha256};
 
+use super::writer::{INSERT_CHUNK, INSERT_RECIPIENTS, MARK_READY};
 use super::{Envelope, MAX_CHUNK_SIZE, QueueError, QueueId, SpoolRecipient};
 
 // A generated message is complete when inserted, so expires_at only matters
@@ -22,18 +23,6 @@ use super::{Envelope, MAX_CHUNK_SIZE, QueueError, QueueId, SpoolRecipient};
 const INSERT_MESSAGE: &str = "INSERT INTO messages
         (id, state, sender, client_ip, helo, smtputf8, body_type, dsn_ret, dsn_envid)
     VALUES ($1, 'receiving', $2, $3, $4, $5, $6, $7, $8)";
-
-const INSERT_CHUNK: &str = "INSERT INTO message_chunks (message_id, seq, data) VALUES ($1, $2, $3)";
-
-const INSERT_RECIPIENTS: &str =
-    "INSERT INTO recipients (message_id, address, route_group, orcpt, notify)
-    SELECT $1, address, route_group, orcpt, notify
-      FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
-           AS r (address, route_group, orcpt, notify)";
-
-const MARK_READY: &str = "UPDATE messages
-    SET state = 'ready', ready_at = now(), size = $2, chunk_count = $3, body_sha256 = $4
-    WHERE id = $1 AND state = 'receiving'";
 
 /// Inserts a complete message with its recipients as `ready`, in `tx`.
 /// Returns the envelope's id, which names the new message.

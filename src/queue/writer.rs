@@ -12,19 +12,20 @@ const INSERT_MESSAGE: &str = "INSERT INTO messages
         (id, state, sender, client_ip, helo, smtputf8, body_type, dsn_ret, dsn_envid, expires_at)
     VALUES ($1, 'receiving', $2, $3, $4, $5, $6, $7, $8, now() + $9::float8 * interval '1 second')";
 
-const INSERT_CHUNK: &str = "INSERT INTO message_chunks (message_id, seq, data) VALUES ($1, $2, $3)";
+pub(super) const INSERT_CHUNK: &str =
+    "INSERT INTO message_chunks (message_id, seq, data) VALUES ($1, $2, $3)";
 
 const EXTEND_EXPIRY: &str =
     "UPDATE messages SET expires_at = now() + $2::float8 * interval '1 second'
     WHERE id = $1 AND state = 'receiving'";
 
-const INSERT_RECIPIENTS: &str =
+pub(super) const INSERT_RECIPIENTS: &str =
     "INSERT INTO recipients (message_id, address, route_group, orcpt, notify)
     SELECT $1, address, route_group, orcpt, notify
       FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])
            AS r (address, route_group, orcpt, notify)";
 
-const MARK_READY: &str = "UPDATE messages
+pub(super) const MARK_READY: &str = "UPDATE messages
     SET state = 'ready', ready_at = now(), size = $2, chunk_count = $3, body_sha256 = $4
     WHERE id = $1 AND state = 'receiving'";
 
