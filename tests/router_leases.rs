@@ -9,10 +9,17 @@ use std::time::Duration;
 
 use common::db::TestDb;
 use common::directory::{add_account, add_domain, add_list};
-use common::harness::queue_config;
+use common::harness::{queue_config, spool_messages};
 use wsmtp::directory::{Directory, load_snapshot};
-use wsmtp::queue::{Envelope, Queue, SpoolRecipient};
+use wsmtp::queue::Queue;
 use wsmtp::router::worker::{Router, RouterError, RouterSettings};
+
+/// Each spooled message goes to an account, a list of five and a remote address.
+const RECIPIENTS: &[&str] = &[
+    "alice@example.com",
+    "team@example.com",
+    "remote@example.org",
+];
 
 async fn setup() -> (TestDb, Queue) {
     let db = TestDb::create().await;
@@ -61,39 +68,6 @@ async fn router(db: &TestDb, lease: Duration) -> Router {
     Router::new(queue, directory, settings)
 }
 
-async fn spool(queue: &Queue, count: usize) {
-    for n in 0..count {
-        let mut writer = queue.begin(Envelope {
-            id: wsmtp::queue::new_queue_id(),
-            sender: format!("sender{n}@example.net"),
-            client_ip: "127.0.0.2".parse().expect("ip"),
-            helo: "client.example".into(),
-            smtputf8: false,
-            body_type: None,
-            dsn_ret: None,
-            dsn_envid: None,
-        });
-        writer
-            .write(format!("Subject: {n}\r\n\r\nbody\r\n").as_bytes())
-            .await
-            .expect("write");
-        let recipients = [
-            "alice@example.com",
-            "team@example.com",
-            "remote@example.org",
-        ]
-        .iter()
-        .map(|address| SpoolRecipient {
-            address: address.to_string(),
-            route_group: None,
-            orcpt: None,
-            notify: None,
-        })
-        .collect::<Vec<_>>();
-        writer.commit(&recipients).await.expect("commit");
-    }
-}
-
 async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
     client.query_one(sql, &[]).await.expect("count").get(0)
 }
@@ -101,7 +75,7 @@ async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_routers_never_route_a_message_twice() {
     let (db, queue) = setup().await;
-    spool(&queue, 150).await;
+    spool_messages(&queue, 150, RECIPIENTS).await;
     let first = Arc::new(router(&db, Duration::from_secs(60)).await);
     let second = Arc::new(router(&db, Duration::from_secs(60)).await);
 
@@ -154,7 +128,7 @@ async fn two_routers_never_route_a_message_twice() {
 #[tokio::test]
 async fn stopped_router_work_is_finished_after_lease_expiry() {
     let (db, queue) = setup().await;
-    spool(&queue, 3).await;
+    spool_messages(&queue, 3, RECIPIENTS).await;
     let stopped = router(&db, Duration::from_secs(2)).await;
     let claimed = stopped.claim().await.expect("claim");
     assert_eq!(claimed.len(), 3);
@@ -192,7 +166,7 @@ async fn stopped_router_work_is_finished_after_lease_expiry() {
 #[tokio::test]
 async fn stale_router_cannot_complete_after_takeover() {
     let (db, queue) = setup().await;
-    spool(&queue, 1).await;
+    spool_messages(&queue, 1, RECIPIENTS).await;
     let slow = router(&db, Duration::from_secs(1)).await;
     let claimed = slow.claim().await.expect("claim");
     tokio::time::sleep(Duration::from_millis(1200)).await;

@@ -8,39 +8,10 @@ use std::time::{Duration, Instant};
 
 use common::db::TestDb;
 use common::directory::{add_account, add_domain, add_list};
-use common::harness::queue_config;
-use wsmtp::queue::{Envelope, Queue, SpoolRecipient};
+use common::harness::{queue_config, spool_messages};
+use wsmtp::queue::Queue;
 
 const MESSAGES: usize = 300;
-
-async fn spool(queue: &Queue) {
-    for n in 0..MESSAGES {
-        let mut writer = queue.begin(Envelope {
-            id: wsmtp::queue::new_queue_id(),
-            sender: format!("sender{n}@example.net"),
-            client_ip: "127.0.0.2".parse().expect("ip"),
-            helo: "client.example".into(),
-            smtputf8: false,
-            body_type: None,
-            dsn_ret: None,
-            dsn_envid: None,
-        });
-        writer
-            .write(format!("Subject: {n}\r\n\r\nbody\r\n").as_bytes())
-            .await
-            .expect("write");
-        let recipients: Vec<SpoolRecipient> = ["alice@example.com", "team@example.com"]
-            .iter()
-            .map(|address| SpoolRecipient {
-                address: address.to_string(),
-                route_group: None,
-                orcpt: None,
-                notify: None,
-            })
-            .collect();
-        writer.commit(&recipients).await.expect("commit");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_router_processes_route_each_recipient_once() {
@@ -66,7 +37,7 @@ async fn two_router_processes_route_each_recipient_once() {
         &members,
     )
     .await;
-    spool(&queue).await;
+    spool_messages(&queue, MESSAGES, &["alice@example.com", "team@example.com"]).await;
 
     let directory = tempfile::tempdir().expect("temp dir");
     let config = directory.path().join("config.yaml");

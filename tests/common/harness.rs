@@ -242,7 +242,7 @@ async fn seed_directory(queue: &Queue) {
     }
 }
 
-/// Waits until the server's directory snapshot holds the seeded accounts.
+/// Waits until the server's directory snapshot contains the seeded accounts.
 pub async fn wait_for_directory(directory: &wsmtp::directory::Directory) {
     for _ in 0..200 {
         if directory
@@ -254,6 +254,37 @@ pub async fn wait_for_directory(directory: &wsmtp::directory::Directory) {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     panic!("the directory was not loaded within 5 s");
+}
+
+/// Spools `count` small messages straight into the queue, each to the
+/// given local recipients.
+pub async fn spool_messages(queue: &Queue, count: usize, recipients: &[&str]) {
+    let recipients: Vec<wsmtp::queue::SpoolRecipient> = recipients
+        .iter()
+        .map(|address| wsmtp::queue::SpoolRecipient {
+            address: address.to_string(),
+            route_group: None,
+            orcpt: None,
+            notify: None,
+        })
+        .collect();
+    for n in 0..count {
+        let mut writer = queue.begin(wsmtp::queue::Envelope {
+            id: wsmtp::queue::new_queue_id(),
+            sender: format!("sender{n}@example.net"),
+            client_ip: "127.0.0.2".parse().expect("ip"),
+            helo: "client.example".into(),
+            smtputf8: false,
+            body_type: None,
+            dsn_ret: None,
+            dsn_envid: None,
+        });
+        writer
+            .write(format!("Subject: {n}\r\n\r\nbody\r\n").as_bytes())
+            .await
+            .expect("write");
+        writer.commit(&recipients).await.expect("commit");
+    }
 }
 
 /// Queue settings for direct use in tests.
