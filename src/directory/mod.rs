@@ -5,7 +5,7 @@
 //! in-memory [`Snapshot`] held by [`Directory`], which [`watch`] replaces as a
 //! whole when the directory's version changes (LISTEN/NOTIFY on the channel
 //! `wsmtp_directory`, with polling as the backstop), so a lookup never waits
-//! on the database and never sees half a change.
+//! on the database and never reads half a change.
 //!
 //! Addresses are looked up normalised (lowercase local part and A-label
 //! domain): first the address itself, then without a `+tag` sub-address, then
@@ -27,7 +27,7 @@ pub use watch::watch;
 /// Separator of sub-addresses: `user+tag@example.com` reaches `user`.
 pub const SUBADDRESS_SEPARATOR: char = '+';
 
-/// How wsmtp treats a domain of the directory.
+/// Kind of a directory domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DomainKind {
     /// Only addresses in the directory exist.
@@ -64,7 +64,7 @@ pub struct DomainEntry {
     pub legacy_group: Option<String>,
 }
 
-/// Where an account's mailbox is.
+/// Location of an account's mailbox.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Mailbox {
     /// A Maildir directory.
@@ -163,7 +163,7 @@ pub struct List {
     pub members: Vec<String>,
 }
 
-/// What an address belongs to.
+/// Owner of an address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Owner {
     /// Index into [`Snapshot::accounts`].

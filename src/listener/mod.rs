@@ -5,7 +5,7 @@
 //! Limits: a total connection cap and a per-client-IP cap; a client over
 //! either gets `421 4.7.0` and is closed before any command is read.
 //! Shutdown: when the token is cancelled the listener stops accepting, idle
-//! sessions answer 421 and close, and sessions in a transaction may finish
+//! sessions get 421 and close, and sessions in a transaction may finish
 //! within `timeouts.shutdown_grace`; those still open then are cut off.
 
 pub mod intake;

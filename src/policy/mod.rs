@@ -32,7 +32,7 @@ use crate::config::RelayConfig;
 use crate::directory::{DomainEntry, DomainKind, Lookup, Snapshot, normalise_address};
 use crate::smtp::reply::Reply;
 
-/// The account directory as the decision sees it.
+/// State of the account directory, as the decision uses it.
 #[derive(Clone, Copy, Debug)]
 pub enum DirectoryView<'a> {
     /// No directory: there is no queue database.
@@ -42,7 +42,7 @@ pub enum DirectoryView<'a> {
     Ready(&'a Snapshot),
 }
 
-/// Where an accepted recipient goes.
+/// Destination of an accepted recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     /// Spooled in the queue for wsmtp's own routing.

@@ -64,7 +64,7 @@ pub struct DeliveryDetail {
     pub address: String,
     pub kind: String,
     pub state: String,
-    /// How the router reached the address.
+    /// Path by which the router reached the address.
     pub trace: String,
     /// The envelope recipient it came from.
     pub recipient_id: i64,
@@ -82,7 +82,7 @@ pub struct RecipientDetail {
     pub attempts: i32,
     pub next_attempt_at: OffsetDateTime,
     pub last_reply: Option<String>,
-    /// What the router resolved the recipient to.
+    /// The router's resolution of the recipient.
     pub resolution: Option<String>,
 }
 

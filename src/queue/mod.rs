@@ -210,7 +210,7 @@ impl Queue {
                 // to be closed (a terminated backend is noticed that way).
                 // Verified would add a round trip to every spooled message;
                 // a connection that broke unnoticed fails its first statement,
-                // which the caller answers with a 4xx.
+                // and the caller then replies with a 4xx.
                 recycling_method: RecyclingMethod::Fast,
             },
         );

@@ -142,8 +142,8 @@ impl Router {
                 continue;
             }
             // A claim that raced another router's comes back empty although
-            // work remains, so one empty claim is retried at once; only a
-            // second one in a row means the queue is idle.
+            // work remains. So one empty claim is retried at once, and only
+            // a second one in a row counts as an idle queue.
             empty_claims += 1;
             if empty_claims == 1 && failures == 0 {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -67,7 +67,7 @@ impl AsyncWrite for Stream {
     }
 }
 
-/// Why no more input can be read.
+/// Reason no more input can be read.
 #[derive(Debug, thiserror::Error)]
 pub enum InputError {
     #[error("client closed the connection")]

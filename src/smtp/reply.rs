@@ -465,7 +465,7 @@ impl Reply {
 
     /// Checks a reply from a downstream server before it goes to a client.
     ///
-    /// `expected` holds the first digits acceptable at this point of the
+    /// `expected` contains the first digits acceptable at this point of the
     /// dialogue (2 for RCPT, 3 for DATA, …). A positive reply that does not
     /// fit becomes a transient error of ours, because passing it on could
     /// make the client believe a step succeeded that did not. A 4xx or 5xx

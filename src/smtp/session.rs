@@ -45,7 +45,7 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
-/// What the session asks of the code that routes and stores mail.
+/// Interface between the session and the code that routes and stores mail.
 ///
 /// Every method returns the reply to send (or `Err(reply)`); the session
 /// sends it. Replies from a downstream server must be checked with
@@ -119,7 +119,7 @@ pub struct Session<H: Handler> {
     errors: usize,
     shutdown: CancellationToken,
     transactions: u64,
-    /// Why the session ended, when there is a more precise reason than "closed".
+    /// Reason the session ended, when there is a more precise one than "closed".
     end: Option<String>,
 }
 
@@ -494,7 +494,7 @@ impl<H: Handler> Session<H> {
             if let Err(end) =
                 message::discard(&mut self.connection, size, self.config.timeouts.data).await
             {
-                tracing::info!(client = %self.client.peer.ip(), end = %end, "client left during a refused BDAT chunk");
+                tracing::info!(client = %self.client.peer.ip(), end = %end, "client disconnected during a refused BDAT chunk");
                 return Flow::Close;
             }
             return self.reply(reply).await;
@@ -512,7 +512,7 @@ impl<H: Handler> Session<H> {
                 if let Err(end) =
                     message::discard(&mut self.connection, size, self.config.timeouts.data).await
                 {
-                    tracing::info!(client = %self.client.peer.ip(), end = %end, "client left during BDAT");
+                    tracing::info!(client = %self.client.peer.ip(), end = %end, "client disconnected during BDAT");
                     return Flow::Close;
                 }
                 return self.reply(reply).await;
