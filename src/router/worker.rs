@@ -396,7 +396,8 @@ impl Router {
     }
 }
 
-/// Inserts batches and their deliveries; returns the number of batches.
+/// Inserts batches, their deliveries and any new destination rows; returns
+/// the number of batches.
 async fn write_deliveries(
     transaction: &deadpool_postgres::Transaction<'_>,
     message_id: QueueId,
@@ -408,7 +409,7 @@ async fn write_deliveries(
         return Ok(0);
     }
 
-    // Three statements however many batches: batch ids are taken from the
+    // A fixed number of statements however many batches: batch ids are taken from the
     // sequence first, so batches and deliveries go in with one INSERT each.
     let reserve = transaction
         .prepare_cached("SELECT nextval(pg_get_serial_sequence('delivery_batches', 'id')) FROM generate_series(1, $1)")
@@ -466,6 +467,18 @@ async fn write_deliveries(
              SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
                                       $7::bytea[], $8::text[], $9::text[], $10::text[])",
         )
+        .await?;
+    // Delivery workers find due work through the destination rows. Sorted,
+    // so two routers that add the same new destinations cannot deadlock.
+    let insert_destinations = transaction
+        .prepare_cached(
+            "INSERT INTO destinations (name)
+             SELECT DISTINCT d FROM unnest($1::text[]) AS d ORDER BY d
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    transaction
+        .execute(&insert_destinations, &[&batch_destinations])
         .await?;
     transaction
         .execute(

@@ -19,6 +19,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+mod delivery;
+
+pub use delivery::{DeliveryConfig, TlsMode};
+
 use crate::policy::address::Domain;
 use crate::queue::QueueConfig;
 
@@ -73,6 +77,7 @@ pub struct Config {
     pub groups: BTreeMap<String, GroupConfig>,
     pub queue: Option<QueueSettings>,
     pub router: RouterConfig,
+    pub delivery: DeliveryConfig,
     /// How often the directory version is polled when no notification came.
     pub directory_poll_interval: Duration,
     pub log: LogConfig,
@@ -150,6 +155,20 @@ pub struct RelayConfig {
     pub relay_networks: Vec<IpNet>,
     /// Group that receives mail relayed for relay networks to foreign domains.
     pub outbound_group: Option<String>,
+    /// Relay domains whose recipients are spooled for later delivery to
+    /// their group when the group is unreachable at RCPT time.
+    pub queue_fallback: HashSet<String>,
+}
+
+/// What the listener does with a relay domain's recipient when its
+/// downstream group is unreachable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fallback {
+    /// Reply 451 4.4.1, so the client retries later.
+    Tempfail,
+    /// Accept into the queue and deliver to the group when it is back.
+    Queue,
 }
 
 #[derive(Clone, Debug)]
@@ -162,6 +181,8 @@ pub struct GroupConfig {
     pub command_timeout: Duration,
     /// Wait for the reply after the final dot (RFC 5321 §4.5.3.2.6: 10 minutes).
     pub final_reply_timeout: Duration,
+    /// STARTTLS towards the group's hosts by the delivery tier.
+    pub tls: TlsMode,
 }
 
 #[derive(Clone, Debug)]
@@ -206,6 +227,8 @@ struct RawConfig {
     queue: Option<RawQueue>,
     #[serde(default)]
     router: RawRouter,
+    #[serde(default)]
+    delivery: delivery::RawDelivery,
     #[serde(default)]
     directory: RawDirectory,
     #[serde(default)]
@@ -283,6 +306,7 @@ struct RawRelay {
 struct RawRelayDomain {
     domain: Text,
     group: Text,
+    fallback: Option<Fallback>,
 }
 
 #[derive(Deserialize)]
@@ -293,6 +317,7 @@ struct RawGroup {
     connect_timeout: Option<Text>,
     command_timeout: Option<Text>,
     final_reply_timeout: Option<Text>,
+    tls: Option<TlsMode>,
 }
 
 #[derive(Deserialize)]
@@ -421,7 +446,7 @@ fn parse_error_message(rendered: &str) -> String {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m`, `2h`; a bare number means seconds.
+/// Parses `250ms`, `30s`, `5m`, `2h`, `5d`; a bare number means seconds.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
     let split = text
@@ -434,6 +459,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         "" | "s" => Some(Duration::from_secs(number)),
         "m" => Some(Duration::from_secs(number.checked_mul(60)?)),
         "h" => Some(Duration::from_secs(number.checked_mul(3600)?)),
+        "d" => Some(Duration::from_secs(number.checked_mul(86_400)?)),
         _ => None,
     }
 }
@@ -508,6 +534,13 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
     let relay = convert_relay(&raw.relay, &groups, checker);
     let queue = convert_queue(raw.queue.as_ref(), database_url, checker);
 
+    if queue.is_none() && !relay.queue_fallback.is_empty() {
+        checker.problem(
+            "queue",
+            0,
+            "relay_domains with fallback: queue need a queue database; add a queue section or set DATABASE_URL",
+        );
+    }
     if queue.is_none() && !relay.local_domains.is_empty() {
         checker.problem(
             "queue",
@@ -517,6 +550,7 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
     }
 
     let router = convert_router(&raw.router, checker);
+    let delivery = delivery::convert_delivery(&raw.delivery, checker);
     let second = Duration::from_secs(1);
     let directory_poll_interval = checker.duration(
         "directory.poll_interval",
@@ -540,6 +574,7 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         groups,
         queue,
         router,
+        delivery,
         directory_poll_interval,
         log,
     }
@@ -768,6 +803,7 @@ fn convert_groups(raw: &[RawGroup], checker: &mut Checker) -> BTreeMap<String, G
                 second,
                 hour,
             ),
+            tls: group.tls.unwrap_or(TlsMode::May),
         };
         if groups.insert(name.clone(), config).is_some() {
             checker.problem(
@@ -824,6 +860,9 @@ fn convert_relay(
                 format!("domain {name} is already a local or relay domain"),
             );
             continue;
+        }
+        if entry.fallback == Some(Fallback::Queue) {
+            relay.queue_fallback.insert(name.clone());
         }
         relay.relay_domains.insert(name, entry.group.value.clone());
     }
