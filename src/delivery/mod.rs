@@ -1,0 +1,3 @@
+//! Delivery of spooled mail to remote hosts.
+
+pub mod mx;
