@@ -1,7 +1,9 @@
 //! Shared helpers for integration tests: a downstream sink, throwaway
-//! databases, an in-process wsmtp and a raw SMTP client.
+//! databases, a DNS server on loopback, an in-process wsmtp and a raw SMTP
+//! client.
 
 pub mod db;
 pub mod directory;
+pub mod dns;
 pub mod harness;
 pub mod sink;
