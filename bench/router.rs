@@ -240,6 +240,7 @@ async fn run_once(
         poll_interval: Duration::from_millis(250),
         hostname: "mx.bench.example".to_owned(),
         relay_domains: Default::default(),
+        outbound_group: None,
     };
     let router = Arc::new(Router::new(queue.clone(), directory, settings));
 

@@ -6,31 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::directory::{add_account, add_domain, add_list, add_vacation, wait_until_current};
-use common::harness::{SmtpClient, TestConfig, TestServer};
+use common::harness::{TestConfig, TestServer, send_spooled as send};
 use common::sink::Sink;
 use wsmtp::queue::QueueId;
-
-async fn send(
-    client: &mut SmtpClient,
-    sender: &str,
-    recipients: &[&str],
-    content: &[u8],
-) -> QueueId {
-    client.expect(&format!("MAIL FROM:<{sender}>"), 250).await;
-    for recipient in recipients {
-        client.expect(&format!("RCPT TO:<{recipient}>"), 250).await;
-    }
-    client.expect("DATA", 354).await;
-    client.send(content).await;
-    client.send(b".\r\n").await;
-    let reply = client.reply().await;
-    assert!(
-        reply.text.starts_with("250 2.0.0 OK: queued as "),
-        "{}",
-        reply.text
-    );
-    QueueId::parse_str(reply.text.rsplit(' ').next().expect("queue id")).expect("queue id")
-}
 
 /// Waits until no recipient of the message is left to route.
 async fn wait_routed(server: &TestServer, id: QueueId) -> wsmtp::queue::MessageDetail {
@@ -115,8 +93,8 @@ async fn account_with_two_addresses_forwards_mailbox_and_vacation() {
             ),
             (
                 "dora@example.org".into(),
-                "remote".into(),
-                "domain:example.org".into()
+                "relay".into(),
+                "group:legacy".into()
             ),
         ]
     );
@@ -389,8 +367,8 @@ async fn forward_loop_stops_on_second_pass() {
         deliveries(&detail),
         vec![(
             "erin@example.org".into(),
-            "remote".into(),
-            "domain:example.org".into()
+            "relay".into(),
+            "group:legacy".into()
         )]
     );
     let prefix: Vec<u8> = db

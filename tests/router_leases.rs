@@ -64,6 +64,7 @@ async fn router(db: &TestDb, lease: Duration) -> Router {
         poll_interval: Duration::from_millis(20),
         hostname: "mx.test.example".into(),
         relay_domains: Default::default(),
+        outbound_group: None,
     };
     Router::new(queue, directory, settings)
 }

@@ -37,14 +37,15 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Run the SMTP listener and the router (applies queue migrations at start).
+    /// Run the SMTP listener, the router and the delivery workers (applies
+    /// queue migrations at start).
     Serve {
         /// Tiers to run, comma-separated.
         #[arg(
             long,
             value_enum,
             value_delimiter = ',',
-            default_value = "listener,router"
+            default_value = "listener,router,delivery"
         )]
         roles: Vec<serve::Role>,
     },

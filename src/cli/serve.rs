@@ -1,4 +1,5 @@
-//! `wsmtp serve`: runs the listener and router tiers until SIGTERM or SIGINT.
+//! `wsmtp serve`: runs the listener, router and delivery tiers until SIGTERM
+//! or SIGINT.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -6,6 +7,9 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::delivery::notify::NotificationSettings;
+use crate::delivery::store::DeliveryStore;
+use crate::delivery::worker::DeliveryWorkers;
 use crate::directory::{self, Directory};
 use crate::listener::Server;
 use crate::listener::intake::Shared;
@@ -22,6 +26,8 @@ pub enum Role {
     Listener,
     /// Routing of spooled mail through the account directory.
     Router,
+    /// Delivery of routed mail: SMTP, LMTP and Maildir, retries and bounces.
+    Delivery,
 }
 
 /// A started server.
@@ -32,6 +38,7 @@ pub struct Running {
     pub addresses: Vec<SocketAddr>,
     pub directory: Option<Arc<Directory>>,
     pub router: Option<Arc<Router>>,
+    pub delivery: Option<Arc<DeliveryWorkers>>,
 }
 
 pub async fn serve(config: Config, roles: Vec<Role>) -> anyhow::Result<()> {
@@ -51,9 +58,10 @@ pub async fn start(
 ) -> anyhow::Result<Running> {
     let wants_router = roles.contains(&Role::Router);
     let wants_listener = roles.contains(&Role::Listener);
-    if wants_router && config.queue.is_none() {
+    let wants_delivery = roles.contains(&Role::Delivery);
+    if (wants_router || wants_delivery) && config.queue.is_none() {
         anyhow::bail!(
-            "the router role needs a queue database: add a queue section or set DATABASE_URL"
+            "the router and delivery roles need a queue database: add a queue section or set DATABASE_URL"
         );
     }
 
@@ -62,12 +70,22 @@ pub async fn start(
         None => None,
     };
     let directory = queue.as_ref().map(|_| Arc::new(Directory::new()));
+    let delivery = match (&queue, wants_delivery) {
+        (Some(queue), true) => Some(Arc::new(delivery_workers(queue, &config)?)),
+        _ => None,
+    };
     let router = match (&queue, &directory, wants_router) {
-        (Some(queue), Some(directory), true) => Some(Arc::new(Router::new(
-            queue.clone(),
-            Arc::clone(directory),
-            router_settings(&config),
-        ))),
+        (Some(queue), Some(directory), true) => {
+            let mut router = Router::new(
+                queue.clone(),
+                Arc::clone(directory),
+                router_settings(&config),
+            );
+            if let Some(delivery) = &delivery {
+                router.set_delivery_wake(delivery.wake_handle());
+            }
+            Some(Arc::new(router))
+        }
         _ => None,
     };
     if let (Some(queue), Some(directory), Some(settings)) = (&queue, &directory, &config.queue) {
@@ -96,6 +114,9 @@ pub async fn start(
     if let Some(router) = &router {
         tasks.push(tokio::spawn(Arc::clone(router).run(shutdown.clone())));
     }
+    if let Some(delivery) = &delivery {
+        tasks.push(tokio::spawn(Arc::clone(delivery).run(shutdown.clone())));
+    }
     let handle = tokio::spawn(async move {
         for task in tasks {
             let _ = task.await;
@@ -106,7 +127,24 @@ pub async fn start(
         addresses,
         directory,
         router,
+        delivery,
     })
+}
+
+fn delivery_workers(queue: &Queue, config: &Config) -> anyhow::Result<DeliveryWorkers> {
+    let owner = format!(
+        "{}:{}:{}",
+        config.hostname,
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    );
+    let mut notifications = NotificationSettings::new(config.hostname.clone());
+    notifications.return_limit = config.delivery.bounce_return_limit;
+    if let Some(settings) = &config.queue {
+        notifications.chunk_size = settings.database.chunk_size;
+    }
+    let store = DeliveryStore::new(queue.clone(), owner, config.delivery.clone(), notifications);
+    DeliveryWorkers::new(store, config)
 }
 
 fn router_settings(config: &Config) -> RouterSettings {
@@ -119,6 +157,7 @@ fn router_settings(config: &Config) -> RouterSettings {
         poll_interval: config.router.poll_interval,
         hostname: config.hostname.clone(),
         relay_domains: config.relay.relay_domains.clone(),
+        outbound_group: config.relay.outbound_group.clone(),
     }
 }
 
@@ -168,6 +207,29 @@ async fn maintain_queue(
             Ok(0) => {}
             Ok(removed) => tracing::info!(removed, "janitor removed unfinished messages"),
             Err(error) => tracing::warn!(error = %error, "janitor failed"),
+        }
+        match queue.upkeep().await {
+            Ok(upkeep) => {
+                if upkeep.leases_returned > 0 {
+                    tracing::warn!(
+                        leases = upkeep.leases_returned,
+                        "expired leases returned; their workers stopped or stalled"
+                    );
+                }
+                if upkeep.destinations_added > 0 {
+                    tracing::info!(
+                        destinations = upkeep.destinations_added,
+                        "destination rows re-created for pending deliveries"
+                    );
+                }
+                if upkeep.messages_completed > 0 {
+                    tracing::info!(
+                        messages = upkeep.messages_completed,
+                        "complete messages removed"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(error = %error, "queue upkeep failed"),
         }
     }
 }

@@ -256,7 +256,10 @@ pub(super) fn convert_delivery(raw: &RawDelivery, checker: &mut Checker) -> Deli
     for (index, entry) in raw.tls_policy.iter().enumerate() {
         let path = format!("delivery.tls_policy[{index}].domain");
         if let Some(domain) = checker.domain(&path, &entry.domain)
-            && config.tls_policy.insert(domain.clone(), entry.tls).is_some()
+            && config
+                .tls_policy
+                .insert(domain.clone(), entry.tls)
+                .is_some()
         {
             checker.problem(
                 path,

@@ -16,8 +16,9 @@
 //!    a domain, are always accepted (RFC 5321 §4.5.1).
 //! 4. `local_domains`: spooled for local routing.
 //! 5. `relay_domains`: passed to the domain's group.
-//! 6. `relay_networks`: a client in a relay network may send anywhere, through
-//!    the outbound group.
+//! 6. `relay_networks`: a client in a relay network may send anywhere: through
+//!    the outbound group when one is set, otherwise into the queue, whose
+//!    delivery tier sends it to the domain's MX hosts.
 //! 7. `no_relay`: anything else is rejected with 550 5.7.1.
 //!
 //! Domains match exactly: a local domain does not cover its subdomains.
@@ -155,11 +156,15 @@ pub fn decide_recipient(
             format!("relay_domains[{name}]"),
         );
     }
-    match (trusted_network, &relay.outbound_group) {
-        (Some(network), Some(group)) => Decision::accept(
+    match (trusted_network, &relay.outbound_group, directory) {
+        (Some(network), Some(group), _) => Decision::accept(
             Route::Group(group.clone()),
             format!("relay_networks[{network}]"),
         ),
+        // Without a queue there is nowhere to keep the message for MX delivery.
+        (Some(network), None, DirectoryView::Loading | DirectoryView::Ready(_)) => {
+            Decision::accept(Route::Local, format!("relay_networks[{network}]"))
+        }
         _ => Decision::reject(Reply::relay_denied(), "no_relay"),
     }
 }

@@ -191,3 +191,16 @@ pub(crate) fn describe_pg_error(error: &tokio_postgres::Error) -> String {
     }
     text
 }
+
+/// A database error with its cause: tokio-postgres leaves the server's
+/// message and the underlying error out of its own text.
+pub fn describe_database_error(error: &tokio_postgres::Error) -> String {
+    use std::error::Error as _;
+    if let Some(db) = error.as_db_error() {
+        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    }
+    match error.source() {
+        Some(source) => format!("{error}: {source}"),
+        None => error.to_string(),
+    }
+}

@@ -97,6 +97,16 @@ pub struct ResolveLimits {
     pub max_depth: usize,
 }
 
+/// Routes of the configuration for addresses outside the directory.
+#[derive(Clone, Copy, Debug)]
+pub struct ConfiguredRoutes<'a> {
+    /// Relay domains and their groups.
+    pub relay_domains: &'a BTreeMap<String, String>,
+    /// Group that takes mail for all other remote domains (a smarthost);
+    /// None sends it to the domain's MX hosts.
+    pub outbound_group: Option<&'a str>,
+}
+
 /// Facts of the stored message that routing needs.
 pub struct MessageFacts<'a> {
     /// Envelope sender, "" for `<>`.
@@ -107,8 +117,7 @@ pub struct MessageFacts<'a> {
 
 struct Expansion<'a> {
     snapshot: &'a Snapshot,
-    /// Relay domains of the configuration, with their groups.
-    relay_domains: &'a BTreeMap<String, String>,
+    routes: ConfiguredRoutes<'a>,
     facts: &'a MessageFacts<'a>,
     limits: ResolveLimits,
     routing: MessageRouting,
@@ -137,11 +146,11 @@ pub fn resolve_message(
     facts: &MessageFacts<'_>,
     recipients: &[EnvelopeRecipient],
     limits: ResolveLimits,
-    relay_domains: &BTreeMap<String, String>,
+    routes: ConfiguredRoutes<'_>,
 ) -> MessageRouting {
     let mut expansion = Expansion {
         snapshot,
-        relay_domains,
+        routes,
         facts,
         limits,
         routing: MessageRouting::default(),
@@ -274,10 +283,22 @@ impl Expansion<'_> {
                 if domain.is_empty() {
                     return Some(format!("5.1.3 address without a domain: {address}"));
                 }
-                if let Some(group) = self.relay_domains.get(domain) {
+                if let Some(group) = self.routes.relay_domains.get(domain) {
                     // A relay domain of the configuration: its mail goes to
                     // its group, as the listener would pass it through.
                     let trace = join_trace(&step.trace, &format!("relay domain {domain}"));
+                    self.plan(
+                        recipients,
+                        step,
+                        address,
+                        DeliveryKind::Relay,
+                        format!("group:{group}"),
+                        trace,
+                    );
+                    return None;
+                }
+                if let Some(group) = self.routes.outbound_group {
+                    let trace = join_trace(&step.trace, &format!("remote via {group}"));
                     self.plan(
                         recipients,
                         step,

@@ -79,7 +79,10 @@ fn route(snapshot: &Snapshot, addresses: &[&str], delivered_to: &[&str]) -> Mess
         &facts,
         &recipients(addresses),
         ResolveLimits { max_depth: 10 },
-        &relay_domains(),
+        ConfiguredRoutes {
+            relay_domains: &relay_domains(),
+            outbound_group: None,
+        },
     )
 }
 

@@ -22,8 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::autoreply::{AutoReplySettings, StoredMessage, auto_reply};
 use super::resolve::{
-    EnvelopeRecipient, MessageFacts, MessageRouting, ResolveLimits, plan_batches, resolve_message,
+    ConfiguredRoutes, EnvelopeRecipient, MessageFacts, MessageRouting, ResolveLimits, plan_batches,
+    resolve_message,
 };
+use crate::delivery::dsn::{DsnAction, DsnRecipient, notify_requests, status_from_reply};
+use crate::delivery::notify::{NotificationSettings, spool_notification};
+use crate::delivery::store::complete_messages;
 use crate::directory::Directory;
 use crate::queue::{Queue, QueueId};
 
@@ -46,13 +50,15 @@ pub struct RouterSettings {
     pub hostname: String,
     /// Relay domains of the configuration and their groups.
     pub relay_domains: std::collections::BTreeMap<String, String>,
+    /// Group for mail to other remote domains; None means MX delivery.
+    pub outbound_group: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
     #[error("queue database unavailable: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
-    #[error("queue database error: {}", describe_database_error(.0))]
+    #[error("queue database error: {}", crate::queue::describe_database_error(.0))]
     Database(#[from] tokio_postgres::Error),
     #[error("the directory is not loaded yet")]
     DirectoryNotLoaded,
@@ -60,6 +66,8 @@ pub enum RouterError {
     LeaseLost(String),
     #[error("auto-reply failed: {0}")]
     AutoReply(String),
+    #[error("failure notification failed: {0}")]
+    Notification(String),
 }
 
 /// One claimed recipient and its lease token.
@@ -75,7 +83,10 @@ pub struct Router {
     settings: RouterSettings,
     owner: String,
     wake: Arc<Notify>,
+    /// Wakes the delivery workers of this process after deliveries were written.
+    delivery_wake: Option<Arc<Notify>>,
     auto_reply_settings: AutoReplySettings,
+    notifications: NotificationSettings,
 }
 
 impl Router {
@@ -87,14 +98,22 @@ impl Router {
             uuid::Uuid::now_v7().simple()
         );
         let auto_reply_settings = AutoReplySettings::new(settings.hostname.clone());
+        let notifications = NotificationSettings::new(settings.hostname.clone());
         Router {
             queue,
             directory,
             settings,
             owner,
             wake: Arc::new(Notify::new()),
+            delivery_wake: None,
+            notifications,
             auto_reply_settings,
         }
+    }
+
+    /// Wakes `wake` after each routed message that produced deliveries.
+    pub fn set_delivery_wake(&mut self, wake: Arc<Notify>) {
+        self.delivery_wake = Some(wake);
     }
 
     /// A handle that wakes idle workers when a message was spooled.
@@ -297,7 +316,10 @@ impl Router {
             ResolveLimits {
                 max_depth: self.settings.max_depth,
             },
-            &self.settings.relay_domains,
+            ConfiguredRoutes {
+                relay_domains: &self.settings.relay_domains,
+                outbound_group: self.settings.outbound_group.as_deref(),
+            },
         );
 
         let transaction = client.transaction().await?;
@@ -310,7 +332,15 @@ impl Router {
             transaction.rollback().await?;
             return Err(RouterError::LeaseLost(message_id.simple().to_string()));
         }
+        self.bounce_failures(&transaction, message_id, &stored.sender, &claimed, &routing)
+            .await?;
+        if routing.deliveries.is_empty() {
+            complete_messages(&transaction, &[message_id]).await?;
+        }
         transaction.commit().await?;
+        if let (Some(wake), false) = (&self.delivery_wake, routing.deliveries.is_empty()) {
+            wake.notify_one();
+        }
 
         for event in &routing.events {
             tracing::warn!(queue_id = %message_id.simple(), event = %event, "routing event");
@@ -346,6 +376,69 @@ struct StoredFacts {
 }
 
 impl Router {
+    /// Spools one failure notification for the recipients that routing
+    /// could not deliver anywhere, in the routing transaction.
+    async fn bounce_failures(
+        &self,
+        transaction: &tokio_postgres::Transaction<'_>,
+        message_id: QueueId,
+        sender: &str,
+        claimed: &[Claimed],
+        routing: &MessageRouting,
+    ) -> Result<(), RouterError> {
+        let now = time::OffsetDateTime::now_utc();
+        let mut failed = Vec::new();
+        for outcome in &routing.outcomes {
+            let Some(reason) = &outcome.failure else {
+                continue;
+            };
+            let Some(entry) = claimed
+                .iter()
+                .find(|c| c.recipient.id == outcome.recipient_id)
+            else {
+                continue;
+            };
+            let recipient = &entry.recipient;
+            if !notify_requests(recipient.notify.as_deref(), DsnAction::Failed) {
+                continue;
+            }
+            // Routing failures carry an enhanced status code but no reply
+            // code; 550 makes them a complete reply.
+            let diagnostic = format!("550 {reason}");
+            failed.push(DsnRecipient {
+                final_recipient: recipient.address.clone(),
+                original_recipient: recipient.orcpt.clone(),
+                action: DsnAction::Failed,
+                status: status_from_reply(&diagnostic, true),
+                remote_mta: None,
+                diagnostic: Some(diagnostic),
+                last_attempt: Some(now),
+                will_retry_until: None,
+            });
+        }
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let spooled = spool_notification(
+            transaction,
+            &self.notifications,
+            message_id,
+            sender,
+            &failed,
+        )
+        .await
+        .map_err(|error| RouterError::Notification(error.to_string()))?;
+        if let Some(notification_id) = spooled {
+            tracing::info!(
+                queue_id = %message_id.simple(),
+                notification_id = %notification_id.simple(),
+                recipients = failed.len(),
+                "failure notification spooled for recipients that routing could not deliver"
+            );
+        }
+        Ok(())
+    }
+
     /// Generates the planned auto-replies inside the routing transaction and
     /// notes each outcome in its recipient's resolution.
     async fn send_auto_replies(
@@ -548,19 +641,6 @@ async fn mark_recipients(
         .execute(&statement, &[&ids, &tokens, &states, &resolutions, &owner])
         .await?;
     Ok(updated)
-}
-
-/// A database error with its cause: tokio-postgres leaves the server's
-/// message and the underlying error out of its own text.
-fn describe_database_error(error: &tokio_postgres::Error) -> String {
-    use std::error::Error as _;
-    if let Some(db) = error.as_db_error() {
-        return format!("{} (SQLSTATE {})", db.message(), db.code().code());
-    }
-    match error.source() {
-        Some(source) => format!("{error}: {source}"),
-        None => error.to_string(),
-    }
 }
 
 /// The offset just past the blank line that ends the header section.

@@ -3,13 +3,23 @@
 //! It sends commands and reads replies (RFC 5321 §4.2: multi-line replies
 //! with `code-` continuation lines), with a timeout on every wait and bounds on
 //! reply size, so a misbehaving server cannot stall or bloat a session. It
-//! has no notion of transactions; the pass-through module builds those.
+//! has no notion of transactions; the pass-through and delivery modules
+//! build those. It runs over TCP or a Unix socket (LMTP), and can switch to
+//! TLS after STARTTLS.
 
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A byte stream the client can run over.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> ClientStream for T {}
 
 /// Longest reply line accepted from a server.
 const MAX_REPLY_LINE: usize = 4096;
@@ -36,6 +46,11 @@ pub enum ClientError {
     },
     #[error("malformed reply from {host}: {detail}")]
     Protocol { host: String, detail: String },
+    #[error("TLS handshake with {host} failed: {source}")]
+    Tls {
+        host: String,
+        source: std::io::Error,
+    },
 }
 
 /// A reply read from a server.
@@ -104,14 +119,50 @@ impl Capabilities {
 
 pub struct Client {
     host: String,
-    stream: TcpStream,
+    /// None only while STARTTLS replaces the stream.
+    stream: Option<Box<dyn ClientStream>>,
     input: BytesMut,
+    tls: bool,
 }
 
 impl Client {
     /// Connects to `host` (a `host:port` string).
     pub async fn connect(host: &str, timeout: Duration) -> Result<Client, ClientError> {
         let connect = TcpStream::connect(host);
+        Client::finish_connect(host, timeout, connect).await
+    }
+
+    /// Connects to `address`; `host` names the peer in errors and logs.
+    pub async fn connect_addr(
+        address: SocketAddr,
+        host: &str,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        Client::finish_connect(host, timeout, TcpStream::connect(address)).await
+    }
+
+    /// Connects to a Unix socket, as LMTP servers often listen on one.
+    pub async fn connect_unix(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
+        let host = path.display().to_string();
+        let stream =
+            match tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(source)) => return Err(ClientError::Connect { host, source }),
+                Err(_) => return Err(ClientError::ConnectTimeout { host }),
+            };
+        Ok(Client {
+            host,
+            stream: Some(Box::new(stream)),
+            input: BytesMut::with_capacity(4096),
+            tls: false,
+        })
+    }
+
+    async fn finish_connect(
+        host: &str,
+        timeout: Duration,
+        connect: impl std::future::Future<Output = std::io::Result<TcpStream>>,
+    ) -> Result<Client, ClientError> {
         let stream = match tokio::time::timeout(timeout, connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => {
@@ -129,13 +180,63 @@ impl Client {
         let _ = stream.set_nodelay(true);
         Ok(Client {
             host: host.to_string(),
-            stream,
+            stream: Some(Box::new(stream)),
             input: BytesMut::with_capacity(4096),
+            tls: false,
         })
     }
 
     pub fn host(&self) -> &str {
         &self.host
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// Runs the TLS handshake after the server's 220 reply to STARTTLS.
+    /// Unread input is discarded, since a server must not send anything
+    /// before the handshake (RFC 3207 §4.2).
+    pub async fn start_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: rustls_pki_types::ServerName<'static>,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        self.clear_input();
+        let stream = self.stream.take().ok_or_else(|| ClientError::Closed {
+            host: self.host.clone(),
+        })?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let handshake = connector.connect(server_name, stream);
+        let stream = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(source)) => {
+                return Err(ClientError::Tls {
+                    host: self.host.clone(),
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(ClientError::Timeout {
+                    host: self.host.clone(),
+                    timeout,
+                });
+            }
+        };
+        self.stream = Some(Box::new(stream));
+        self.tls = true;
+        Ok(())
+    }
+
+    fn stream(&mut self) -> Result<&mut Box<dyn ClientStream>, ClientError> {
+        match self.stream.as_mut() {
+            Some(stream) => Ok(stream),
+            None => Err(ClientError::Closed {
+                host: self.host.clone(),
+            }),
+        }
     }
 
     fn io_error(&self, source: std::io::Error) -> ClientError {
@@ -147,10 +248,14 @@ impl Client {
 
     /// Writes bytes as they are.
     pub async fn write_all(&mut self, data: &[u8]) -> Result<(), ClientError> {
-        self.stream
-            .write_all(data)
-            .await
-            .map_err(|e| self.io_error(e))
+        let result = self.stream()?.write_all(data).await;
+        result.map_err(|e| self.io_error(e))?;
+        // A TLS stream buffers what it encrypts until flushed.
+        if self.tls {
+            let result = self.stream()?.flush().await;
+            result.map_err(|e| self.io_error(e))?;
+        }
+        Ok(())
     }
 
     /// Sends one command line; CRLF is added.
@@ -234,11 +339,13 @@ impl Client {
                 });
             }
             self.input.reserve(4096);
-            let read = self
-                .stream
-                .read_buf(&mut self.input)
-                .await
-                .map_err(|e| self.io_error(e))?;
+            let Some(stream) = self.stream.as_mut() else {
+                return Err(ClientError::Closed {
+                    host: self.host.clone(),
+                });
+            };
+            let result = stream.read_buf(&mut self.input).await;
+            let read = result.map_err(|e| self.io_error(e))?;
             if read == 0 {
                 return Err(ClientError::Closed {
                     host: self.host.clone(),

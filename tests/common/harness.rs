@@ -129,8 +129,18 @@ impl TestServer {
         TestServer::start_yaml(&yaml, db).await
     }
 
-    /// Starts wsmtp with a complete configuration text (listen on port 0).
+    /// Starts wsmtp with a complete configuration text (listen on port 0),
+    /// running the listener, and the router when there is a queue.
     pub async fn start_yaml(yaml: &str, db: Option<TestDb>) -> TestServer {
+        TestServer::start_yaml_roles(yaml, db, None).await
+    }
+
+    /// Like [`TestServer::start_yaml`] with the given roles.
+    pub async fn start_yaml_roles(
+        yaml: &str,
+        db: Option<TestDb>,
+        roles: Option<&[Role]>,
+    ) -> TestServer {
         // Logs when RUST_LOG is set, e.g. RUST_LOG=wsmtp=debug.
         if std::env::var_os("RUST_LOG").is_some() {
             let _ = tracing_subscriber::fmt()
@@ -152,10 +162,10 @@ impl TestServer {
             seed_directory(queue).await;
         }
         let shutdown = CancellationToken::new();
-        let roles: &[Role] = if queue.is_some() {
-            &[Role::Listener, Role::Router]
-        } else {
-            &[Role::Listener]
+        let roles: &[Role] = match (roles, &queue) {
+            (Some(roles), _) => roles,
+            (None, Some(_)) => &[Role::Listener, Role::Router],
+            (None, None) => &[Role::Listener],
         };
         let running = wsmtp::cli::serve::start(parsed, roles, shutdown.clone())
             .await
@@ -441,4 +451,29 @@ pub fn without_first_received(content: &[u8]) -> &[u8] {
             return &content[index..];
         }
     }
+}
+
+/// Sends one message in an open session and returns the queue id from the
+/// 250 reply, asserting that every step is accepted and the message spooled.
+pub async fn send_spooled(
+    client: &mut SmtpClient,
+    sender: &str,
+    recipients: &[&str],
+    content: &[u8],
+) -> wsmtp::queue::QueueId {
+    client.expect(&format!("MAIL FROM:<{sender}>"), 250).await;
+    for recipient in recipients {
+        client.expect(&format!("RCPT TO:<{recipient}>"), 250).await;
+    }
+    client.expect("DATA", 354).await;
+    client.send(content).await;
+    client.send(b".\r\n").await;
+    let reply = client.reply().await;
+    assert!(
+        reply.text.starts_with("250 2.0.0 OK: queued as "),
+        "{}",
+        reply.text
+    );
+    wsmtp::queue::QueueId::parse_str(reply.text.rsplit(' ').next().expect("queue id"))
+        .expect("queue id")
 }
