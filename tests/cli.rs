@@ -150,7 +150,8 @@ async fn migrate_then_serve_then_sigterm() {
     tokio::spawn(connection);
     client
         .batch_execute(
-            "WITH account AS (INSERT INTO accounts (name) VALUES ('alice') RETURNING id)
+            "WITH account AS (INSERT INTO accounts (name, mailbox_kind, mailbox_target)
+                              VALUES ('alice', 'maildir', '/tmp/wsmtp-test-maildir/cli-alice') RETURNING id)
              INSERT INTO addresses (address, domain, account_id)
              SELECT 'alice@example.com', 'example.com', id FROM account",
         )
@@ -159,7 +160,9 @@ async fn migrate_then_serve_then_sigterm() {
 
     let mut server = ServerProcess(
         wsmtp()
-            .args(["serve", "--config"])
+            // Without the delivery role the message stays queued for
+            // `queue list` and `queue show` below.
+            .args(["serve", "--roles", "listener,router", "--config"])
             .arg(&path)
             .stderr(Stdio::piped())
             .spawn()
