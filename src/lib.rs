@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod delivery;
 pub mod directory;
 pub mod listener;
 pub mod passthrough;
