@@ -36,6 +36,16 @@ impl RawClient {
         client
     }
 
+    /// Connects to an LMTP sink, reads the greeting and sends LHLO.
+    async fn connect_lhlo(sink: &Sink) -> RawClient {
+        let mut client = RawClient::connect(sink).await;
+        assert_eq!(client.read_reply().await, vec!["220 sink LMTP"]);
+        client.send(b"LHLO client.test\r\n").await;
+        let lhlo = client.read_reply().await;
+        assert!(lhlo[0].starts_with("250-sink"), "LHLO reply: {lhlo:?}");
+        client
+    }
+
     async fn send(&mut self, bytes: &[u8]) {
         self.stream
             .get_mut()
@@ -532,4 +542,197 @@ async fn large_bdat_chunks_arrive_intact() {
         messages[0].raw_data == chunks.concat(),
         "BDAT data differs from what was sent"
     );
+}
+
+#[tokio::test]
+async fn smtp_sink_rejects_lhlo() {
+    let sink = Sink::start().await;
+    let mut client = RawClient::connect(&sink).await;
+    assert_eq!(client.read_line_reply().await, "220 sink ESMTP");
+    client.send(b"LHLO client.test\r\n").await;
+    assert_eq!(
+        client.read_line_reply().await,
+        "500 5.5.2 Command not recognized"
+    );
+}
+
+#[tokio::test]
+async fn lmtp_greets_lhlo_and_rejects_ehlo_and_helo() {
+    let sink = Sink::start_lmtp().await;
+    let mut client = RawClient::connect(&sink).await;
+    assert_eq!(client.read_line_reply().await, "220 sink LMTP");
+
+    client.send(b"EHLO client.test\r\n").await;
+    assert!(client.read_line_reply().await.starts_with("500 5.5.1 "));
+    client.send(b"HELO client.test\r\n").await;
+    assert!(client.read_line_reply().await.starts_with("500 5.5.1 "));
+    client.send(b"MAIL FROM:<a@b.test>\r\n").await;
+    assert!(
+        client.read_line_reply().await.starts_with("503 "),
+        "no transaction before LHLO"
+    );
+
+    client.send(b"LHLO client.test\r\n").await;
+    let reply = client.read_reply().await;
+    assert_eq!(reply[0], "250-sink greets client.test");
+    assert_eq!(reply.last().map(String::as_str), Some("250 CHUNKING"));
+}
+
+#[tokio::test]
+async fn lmtp_replies_per_recipient_in_rcpt_order() {
+    let sink = Sink::start_lmtp().await;
+    sink.set_lmtp_data_reply("b@y.test", "452 4.2.2 Mailbox full");
+    sink.set_lmtp_data_reply("C@Y.test", "550 5.1.1 No such user");
+    sink.set_rcpt_reply("refused@y.test", "550 5.1.1 Unknown");
+    let mut client = RawClient::connect_lhlo(&sink).await;
+
+    client
+        .send(
+            b"MAIL FROM:<s@b.test>\r\n\
+              RCPT TO:<a@y.test>\r\n\
+              RCPT TO:<b@y.test>\r\n\
+              RCPT TO:<refused@y.test>\r\n\
+              RCPT TO:<c@y.test> NOTIFY=NEVER\r\n\
+              RCPT TO:<d@y.test>\r\n\
+              DATA\r\n",
+        )
+        .await;
+    assert_eq!(client.read_line_reply().await, "250 2.1.0 Ok");
+    assert_eq!(client.read_line_reply().await, "250 2.1.5 Ok");
+    assert_eq!(client.read_line_reply().await, "250 2.1.5 Ok");
+    assert_eq!(client.read_line_reply().await, "550 5.1.1 Unknown");
+    assert_eq!(client.read_line_reply().await, "250 2.1.5 Ok");
+    assert_eq!(client.read_line_reply().await, "250 2.1.5 Ok");
+    assert!(client.read_line_reply().await.starts_with("354 "));
+
+    client.send(b"Subject: t\r\n\r\nbody\r\n.\r\n").await;
+    let first = client.read_line_reply().await;
+    assert!(
+        first.starts_with("250 2.0.0 <a@y.test> Ok: queued as "),
+        "{first}"
+    );
+    assert_eq!(client.read_line_reply().await, "452 4.2.2 Mailbox full");
+    assert_eq!(client.read_line_reply().await, "550 5.1.1 No such user");
+    let last = client.read_line_reply().await;
+    assert!(
+        last.starts_with("250 2.0.0 <d@y.test> Ok: queued as "),
+        "{last}"
+    );
+
+    let messages = sink.wait_for_messages(1, WAIT).await;
+    assert_eq!(messages[0].helo, "client.test");
+    assert_eq!(messages[0].mail_from, "<s@b.test>");
+    assert_eq!(messages[0].rcpt_to, vec!["<a@y.test>", "<d@y.test>"]);
+    assert_eq!(messages[0].unstuffed(), b"Subject: t\r\n\r\nbody\r\n");
+}
+
+#[tokio::test]
+async fn lmtp_all_recipients_failing_records_nothing() {
+    let sink = Sink::start_lmtp().await;
+    sink.set_final_reply("451 4.3.0 Temporary failure");
+    let mut client = RawClient::connect_lhlo(&sink).await;
+
+    client
+        .send(b"MAIL FROM:<s@b.test>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        assert!(client.read_line_reply().await.starts_with("250 "));
+    }
+    assert!(client.read_line_reply().await.starts_with("354 "));
+    client.send(b"Subject: t\r\n\r\nbody\r\n.\r\n").await;
+    assert_eq!(
+        client.read_line_reply().await,
+        "451 4.3.0 Temporary failure"
+    );
+    assert_eq!(
+        client.read_line_reply().await,
+        "451 4.3.0 Temporary failure"
+    );
+
+    // The next transaction on the connection starts clean.
+    sink.clear_overrides();
+    client
+        .send(b"MAIL FROM:<s@b.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n")
+        .await;
+    assert_eq!(client.read_line_reply().await, "250 2.1.0 Ok");
+    assert_eq!(client.read_line_reply().await, "250 2.1.5 Ok");
+    assert!(client.read_line_reply().await.starts_with("354 "));
+    client
+        .send(b"Subject: u\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+        .await;
+    assert!(
+        client
+            .read_line_reply()
+            .await
+            .starts_with("250 2.0.0 <c@y.test> Ok: queued as ")
+    );
+    assert_eq!(client.read_line_reply().await, "221 2.0.0 Bye");
+
+    let messages = sink.wait_for_messages(1, WAIT).await;
+    assert_eq!(messages.len(), 1, "the failed transaction is not recorded");
+    assert_eq!(messages[0].rcpt_to, vec!["<c@y.test>"]);
+}
+
+#[tokio::test]
+async fn lmtp_data_without_recipients_gets_503() {
+    let sink = Sink::start_lmtp().await;
+    sink.set_rcpt_reply("x@y.test", "550 5.1.1 Unknown");
+    let mut client = RawClient::connect_lhlo(&sink).await;
+    client
+        .send(b"MAIL FROM:<s@b.test>\r\nRCPT TO:<x@y.test>\r\nDATA\r\n")
+        .await;
+    assert_eq!(client.read_line_reply().await, "250 2.1.0 Ok");
+    assert_eq!(client.read_line_reply().await, "550 5.1.1 Unknown");
+    assert_eq!(
+        client.read_line_reply().await,
+        "503 5.5.1 No valid recipients"
+    );
+}
+
+#[tokio::test]
+async fn lmtp_bdat_last_gets_one_reply_per_recipient() {
+    let sink = Sink::start_lmtp().await;
+    sink.set_lmtp_data_reply("b@y.test", "452 4.2.2 Mailbox full");
+    let mut client = RawClient::connect_lhlo(&sink).await;
+    let content = b"Subject: chunked\r\n\r\nbody\r\n";
+
+    client
+        .send(b"MAIL FROM:<s@b.test>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\n")
+        .await;
+    client
+        .send(format!("BDAT {} LAST\r\n", content.len()).as_bytes())
+        .await;
+    client.send(content).await;
+    assert_eq!(client.read_line_reply().await, "250 2.1.0 Ok");
+    assert_eq!(client.read_line_reply().await, "250 2.1.5 Ok");
+    assert_eq!(client.read_line_reply().await, "250 2.1.5 Ok");
+    assert!(
+        client
+            .read_line_reply()
+            .await
+            .starts_with("250 2.0.0 <a@y.test> Ok: queued as ")
+    );
+    assert_eq!(client.read_line_reply().await, "452 4.2.2 Mailbox full");
+
+    let messages = sink.wait_for_messages(1, WAIT).await;
+    assert!(messages[0].via_bdat);
+    assert_eq!(messages[0].raw_data, content);
+    assert_eq!(messages[0].rcpt_to, vec!["<a@y.test>"]);
+}
+
+#[tokio::test]
+async fn lmtp_drop_after_data_sends_no_replies() {
+    let sink = Sink::start_lmtp().await;
+    sink.set_drop(DropAt::AfterData);
+    let mut client = RawClient::connect_lhlo(&sink).await;
+    client
+        .send(b"MAIL FROM:<s@b.test>\r\nRCPT TO:<a@y.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        .await;
+    for _ in 0..3 {
+        assert!(client.read_line_reply().await.starts_with("250 "));
+    }
+    assert!(client.read_line_reply().await.starts_with("354 "));
+    client.send(b"Subject: t\r\n\r\nbody\r\n.\r\n").await;
+    assert!(client.is_closed().await, "closed without a reply");
+    assert!(sink.messages().is_empty());
 }

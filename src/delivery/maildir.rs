@@ -5,12 +5,12 @@
 //! directory entry is synced too. Only then is the delivery reported done. The
 //! unique name is `<seconds>.M<microseconds>P<pid>Q<counter>R<random>.<host>`,
 //! and the name in `new/` adds `,S=<size>`, the file size in octets, which
-//! Dovecot and Courier read instead of calling stat.
+//! Dovecot takes as the message size instead of calling stat.
 //!
 //! The file contains `Return-Path: <sender>`, the header prefix the router
 //! planned (such as Delivered-To), and the stored message. Lines keep the CRLF
-//! endings they have in the queue. Dovecot and Courier read such files, but a
-//! tool that expects LF endings sees a CR at the end of each line.
+//! endings they have in the queue. Many IMAP servers accept both CRLF and LF
+//! endings, but a tool that expects LF reads a CR at the end of each line.
 //!
 //! The body is written in the pieces the caller passes, so a large message
 //! streams from the queue without being held whole. File I/O runs on tokio's
@@ -63,7 +63,8 @@ pub enum MaildirError {
 }
 
 impl MaildirError {
-    /// Whether retrying cannot help. Invalid paths and senders are permanent.
+    /// Returns whether retrying cannot help. Invalid paths and senders are
+    /// permanent.
     /// Every I/O error is temporary, whether missing permission, a full disk
     /// (ENOSPC), an exceeded quota (EDQUOT) or a device error (EIO), so the
     /// message stays queued until an operator fixes the mailbox or the queue
@@ -75,7 +76,7 @@ impl MaildirError {
         }
     }
 
-    /// The OS error number of an I/O failure.
+    /// Returns the OS error number of an I/O failure.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
             MaildirError::Io { source, .. } => source.raw_os_error(),
@@ -393,9 +394,10 @@ fn unique_name(host: &str) -> String {
     )
 }
 
-/// A random number from the standard library's randomly keyed SipHash, so
-/// no random number crate is needed. Uniqueness rests on the time, process
-/// id and counter; this part guards against a clock set back.
+/// Returns a random number from the standard library's randomly keyed
+/// SipHash, so no random number crate is needed. Uniqueness rests on the
+/// time, process id and counter, and this part guards against a clock that
+/// was set back.
 fn random_u64() -> u64 {
     let mut hasher = RandomState::new().build_hasher();
     hasher.write_u64(DELIVERY_COUNTER.load(Ordering::Relaxed));

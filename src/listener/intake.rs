@@ -12,6 +12,12 @@
 //! spooled with its route), so a transaction that mixes routes is stored once.
 //! Without a queue, such a recipient gets 452 4.5.3 and the client sends it in
 //! another transaction.
+//!
+//! A relay domain with `fallback: queue` keeps accepting mail while its group
+//! is down. When no host of the group accepts a connection, the session
+//! breaks, or MAIL gets a 4xx, the recipient is spooled with the group as its
+//! route instead of getting the 4xx, and the router hands it to the group
+//! later. A 5xx from the downstream is always passed on.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -38,6 +44,26 @@ pub struct Shared {
     pub router_wake: Option<Arc<Notify>>,
 }
 
+/// A group's failure to take the transaction.
+#[derive(Clone)]
+struct GroupFailure {
+    /// The reply a recipient for the group gets when it is not spooled.
+    reply: Reply,
+    /// True when the group is down for now (no host accepted a connection,
+    /// the session broke, or MAIL got a 4xx), so the queue may take its
+    /// recipients.
+    unavailable: bool,
+}
+
+impl GroupFailure {
+    fn unavailable(reply: Reply) -> GroupFailure {
+        GroupFailure {
+            reply,
+            unavailable: true,
+        }
+    }
+}
+
 /// The mode of the open transaction.
 enum Mode {
     /// No recipient accepted yet.
@@ -62,8 +88,10 @@ pub struct Intake {
     mode: Mode,
     sink: Sink,
     recipients: Vec<SpoolRecipient>,
-    /// Group failures already seen in this transaction, with the reply they gave.
-    failed_groups: HashMap<String, Reply>,
+    /// Group failures already seen in this transaction.
+    failed_groups: HashMap<String, GroupFailure>,
+    /// Whether this transaction already logged spooling for an unavailable group.
+    fallback_logged: bool,
     /// A downstream session kept after a finished transaction, for the next one.
     idle_relay: Option<Relay>,
 }
@@ -76,6 +104,7 @@ impl Intake {
             sink: Sink::None,
             recipients: Vec::new(),
             failed_groups: HashMap::new(),
+            fallback_logged: false,
             idle_relay: None,
         }
     }
@@ -106,11 +135,14 @@ impl Intake {
         &mut self,
         group: &str,
         envelope: &Envelope,
-    ) -> Result<(Relay, Reply), Reply> {
+    ) -> Result<(Relay, Reply), GroupFailure> {
         let config = &self.shared.config;
         let Some(group_config) = config.groups.get(group) else {
             tracing::error!(group, "route names a group that is not configured");
-            return Err(Reply::internal_error());
+            return Err(GroupFailure {
+                reply: Reply::internal_error(),
+                unavailable: false,
+            });
         };
         let idle = self.idle_relay.take();
         let mut relay = match idle {
@@ -123,7 +155,7 @@ impl Intake {
                     Ok(relay) => relay,
                     Err(error) => {
                         tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream group unreachable");
-                        return Err(Reply::downstream_unavailable());
+                        return Err(GroupFailure::unavailable(Reply::downstream_unavailable()));
                     }
                 }
             }
@@ -136,11 +168,11 @@ impl Intake {
                 tracing::debug!(group, error = %first_error, "downstream session failed at MAIL, reconnecting");
                 relay = Relay::open(group_config, &config.hostname).await.map_err(|error| {
                     tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream group unreachable");
-                    Reply::downstream_unavailable()
+                    GroupFailure::unavailable(Reply::downstream_unavailable())
                 })?;
                 relay.mail(envelope).await.map_err(|error| {
                     tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream failed at MAIL");
-                    Reply::downstream_failed()
+                    GroupFailure::unavailable(Reply::downstream_failed())
                 })?
             }
         };
@@ -173,23 +205,28 @@ impl Intake {
         }
 
         if let Mode::Undecided = self.mode {
-            if let Some(reply) = self.failed_groups.get(group) {
-                return reply.clone();
+            if let Some(failure) = self.failed_groups.get(group) {
+                let failure = failure.clone();
+                return self.spool_or_fail(group, envelope, recipient, failure);
             }
-            match self.open_relay(group, envelope).await {
+            let failure = match self.open_relay(group, envelope).await {
                 Ok((relay, mail_reply)) if mail_reply.is_positive() => {
-                    self.mode = Mode::Relaying(Box::new(relay))
+                    self.mode = Mode::Relaying(Box::new(relay));
+                    None
                 }
                 Ok((relay, mail_reply)) => {
                     relay.quit().await;
-                    self.failed_groups
-                        .insert(group.to_string(), mail_reply.clone());
-                    return mail_reply;
+                    Some(GroupFailure {
+                        unavailable: mail_reply.is_transient(),
+                        reply: mail_reply,
+                    })
                 }
-                Err(reply) => {
-                    self.failed_groups.insert(group.to_string(), reply.clone());
-                    return reply;
-                }
+                Err(failure) => Some(failure),
+            };
+            if let Some(failure) = failure {
+                self.failed_groups
+                    .insert(group.to_string(), failure.clone());
+                return self.spool_or_fail(group, envelope, recipient, failure);
             }
         }
 
@@ -207,9 +244,51 @@ impl Intake {
             Err(error) => {
                 tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream failed at RCPT");
                 self.relay_broke().await;
-                Reply::downstream_failed()
+                let failure = GroupFailure::unavailable(Reply::downstream_failed());
+                self.spool_or_fail(group, envelope, recipient, failure)
             }
         }
+    }
+
+    /// Handles a recipient whose group could not take the transaction: it is
+    /// spooled for later delivery to the group when the group is only
+    /// unavailable and the recipient's domain has `fallback: queue`.
+    /// Otherwise the recipient gets the failure's reply.
+    fn spool_or_fail(
+        &mut self,
+        group: &str,
+        envelope: &Envelope,
+        recipient: &Recipient,
+        failure: GroupFailure,
+    ) -> Reply {
+        let can_spool =
+            matches!(self.mode, Mode::Undecided | Mode::Spooling) && self.shared.queue.is_some();
+        if !failure.unavailable || !can_spool || !self.has_queue_fallback(recipient) {
+            return failure.reply;
+        }
+        if !self.fallback_logged {
+            tracing::warn!(
+                queue_id = %envelope.queue_id(),
+                group,
+                reply = %failure.reply.summary(),
+                "downstream group unavailable, spooling its recipients for later delivery"
+            );
+            self.fallback_logged = true;
+        }
+        self.mode = Mode::Spooling;
+        self.recipients
+            .push(Intake::spool_recipient(recipient, Some(group)));
+        Reply::recipient_ok()
+    }
+
+    /// Checks whether the recipient's domain is a relay domain with
+    /// `fallback: queue`.
+    fn has_queue_fallback(&self, recipient: &Recipient) -> bool {
+        recipient
+            .address
+            .domain()
+            .as_name()
+            .is_some_and(|name| self.shared.config.relay.queue_fallback.contains(name))
     }
 
     /// The live relay failed: recipients it accepted move to the queue when
@@ -411,5 +490,6 @@ impl Handler for Intake {
         }
         self.recipients.clear();
         self.failed_groups.clear();
+        self.fallback_logged = false;
     }
 }

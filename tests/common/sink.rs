@@ -7,8 +7,14 @@
 //! Tests can override single replies (MAIL, RCPT per address, DATA, the final
 //! reply) and make the sink close the connection at a chosen step.
 //!
-//! Interface: `Sink::start`, the `set_*` methods, `messages`, `commands`,
-//! `wait_for_messages` and `stop`. `Sink` is a cheap clone of a shared handle.
+//! `Sink::start_lmtp` starts it as an LMTP server (RFC 2033) instead. It
+//! greets LHLO and rejects EHLO and HELO with 500. After the message it sends
+//! one reply per accepted recipient, in RCPT order, and
+//! `set_lmtp_data_reply` sets the reply for one recipient.
+//!
+//! Interface: `Sink::start`, `Sink::start_lmtp`, the `set_*` methods,
+//! `messages`, `commands`, `wait_for_messages` and `stop`. `Sink` is a cheap
+//! clone of a shared handle.
 //!
 //! Trust: the peer is code under test, so the sink parses by hand, keeps raw
 //! bytes, and replies to protocol errors with the RFC 5321 reply code instead
@@ -87,6 +93,8 @@ pub struct SinkMessage {
     /// `<a@b> BODY=8BITMIME RET=HDRS`, untrimmed.
     pub mail_from: String,
     /// Everything after "RCPT TO:" for each accepted recipient, in order.
+    /// In LMTP mode, only the recipients whose reply after the message was
+    /// 2xx.
     pub rcpt_to: Vec<String>,
     /// For DATA, the bytes after the 354 up to but excluding the terminating
     /// ".\r\n", so dot-stuffing is still present and the data ends with the
@@ -96,6 +104,15 @@ pub struct SinkMessage {
     pub via_bdat: bool,
     /// Connection number, 1-based in accept order.
     pub connection: usize,
+}
+
+/// The protocol a sink speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Smtp,
+    /// RFC 2033: LHLO instead of EHLO, and one reply per recipient after
+    /// the message.
+    Lmtp,
 }
 
 impl SinkMessage {
@@ -129,6 +146,7 @@ pub struct Sink {
 }
 
 struct Shared {
+    protocol: Protocol,
     config: Mutex<Config>,
     messages: Mutex<Vec<SinkMessage>>,
     commands: Mutex<Vec<String>>,
@@ -150,6 +168,8 @@ struct Config {
     mail_reply: Option<String>,
     data_reply: Option<String>,
     final_reply: Option<String>,
+    /// LMTP replies after the message, keyed like `rcpt_replies`.
+    lmtp_data_replies: HashMap<String, String>,
     drop_at: Option<DropRule>,
 }
 
@@ -177,6 +197,20 @@ impl Sink {
     /// Starts a sink on `addr`, e.g. to restart on the port of a stopped sink.
     /// Panics if the address cannot be bound.
     pub async fn start_on(addr: SocketAddr) -> Sink {
+        Sink::start_with(addr, Protocol::Smtp).await
+    }
+
+    /// Starts an LMTP sink on 127.0.0.1 with a port chosen by the OS.
+    pub async fn start_lmtp() -> Sink {
+        Sink::start_lmtp_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts an LMTP sink on `addr`. Panics if the address cannot be bound.
+    pub async fn start_lmtp_on(addr: SocketAddr) -> Sink {
+        Sink::start_with(addr, Protocol::Lmtp).await
+    }
+
+    async fn start_with(addr: SocketAddr, protocol: Protocol) -> Sink {
         let listener = TcpListener::bind(addr)
             .await
             .unwrap_or_else(|e| panic!("sink: bind {addr} failed: {e}"));
@@ -185,6 +219,7 @@ impl Sink {
             .unwrap_or_else(|e| panic!("sink: local_addr of {addr} failed: {e}"));
 
         let shared = Arc::new(Shared {
+            protocol,
             config: Mutex::new(Config {
                 capabilities: default_capabilities(),
                 ..Config::default()
@@ -233,9 +268,21 @@ impl Sink {
     }
 
     /// Sets the reply after the final dot or the last BDAT chunk. Only a 2xx
-    /// reply records the message.
+    /// reply records the message. In LMTP mode it is the reply for every
+    /// recipient without its own `set_lmtp_data_reply`.
     pub fn set_final_reply(&self, reply: &str) {
         lock(&self.shared.config).final_reply = Some(reply.to_string());
+    }
+
+    /// In LMTP mode, sets the reply for `address` after the final dot or the
+    /// last BDAT chunk, e.g. "452 4.2.2 Mailbox full". The address is
+    /// compared like in `set_rcpt_reply`. The message is recorded when at
+    /// least one recipient gets a 2xx reply. The SMTP mode ignores it.
+    pub fn set_lmtp_data_reply(&self, address: &str, reply: &str) {
+        let key = normalize_address(address);
+        lock(&self.shared.config)
+            .lmtp_data_replies
+            .insert(key, reply.to_string());
     }
 
     /// Makes every connection that reaches `at` close without replying,
@@ -384,8 +431,8 @@ fn strip_prefix_ignore_case<'a>(line: &'a str, prefix: &str) -> Option<&'a str> 
 #[derive(Default)]
 struct Session {
     helo: Option<String>,
-    /// Whether the client used EHLO. BDAT is an SMTP extension, which only an
-    /// EHLO session may use.
+    /// Whether the client used EHLO (or LHLO in LMTP mode). BDAT is an SMTP
+    /// extension, which only such a session may use.
     esmtp: bool,
     mail_from: Option<String>,
     rcpt_to: Vec<String>,
@@ -440,7 +487,10 @@ impl Connection {
         if self.should_drop(DropAt::Connect) {
             return Ok(());
         }
-        self.reply("220 sink ESMTP");
+        match self.shared.protocol {
+            Protocol::Smtp => self.reply("220 sink ESMTP"),
+            Protocol::Lmtp => self.reply("220 sink LMTP"),
+        }
 
         loop {
             let Some(line) = self.read_line().await? else {
@@ -552,7 +602,11 @@ impl Connection {
             None => (line.to_ascii_uppercase(), ""),
         };
 
+        let lmtp = self.shared.protocol == Protocol::Lmtp;
         match verb.as_str() {
+            // RFC 2033 §4.1: an LMTP server must not accept EHLO or HELO.
+            "EHLO" | "HELO" if lmtp => self.reply("500 5.5.1 This is an LMTP server, use LHLO"),
+            "LHLO" if lmtp => self.handle_ehlo(argument),
             "EHLO" => self.handle_ehlo(argument),
             "HELO" => {
                 self.session.reset_transaction();
@@ -612,7 +666,10 @@ impl Connection {
             return Ok(Flow::Continue);
         };
         if self.session.helo.is_none() {
-            self.reply("503 5.5.1 Send EHLO or HELO first");
+            match self.shared.protocol {
+                Protocol::Smtp => self.reply("503 5.5.1 Send EHLO or HELO first"),
+                Protocol::Lmtp => self.reply("503 5.5.1 Send LHLO first"),
+            }
             return Ok(Flow::Continue);
         }
         if self.session.mail_from.is_some() {
@@ -662,9 +719,13 @@ impl Connection {
             self.reply("503 5.5.1 Bad sequence of commands");
             return Ok(Flow::Continue);
         }
-        // RFC 5321 §3.3: DATA with no accepted recipient gets 503 or 554.
+        // RFC 5321 §3.3: DATA with no accepted recipient gets 503 or 554;
+        // RFC 2033 §4.2 requires 503 from an LMTP server.
         if self.session.rcpt_to.is_empty() {
-            self.reply("554 5.5.1 No valid recipients");
+            match self.shared.protocol {
+                Protocol::Smtp => self.reply("554 5.5.1 No valid recipients"),
+                Protocol::Lmtp => self.reply("503 5.5.1 No valid recipients"),
+            }
             return Ok(Flow::Continue);
         }
 
@@ -813,6 +874,10 @@ impl Connection {
 
     /// Sends the final reply and records the message when it is 2xx.
     fn finish_transaction(&mut self, raw_data: Vec<u8>, via_bdat: bool) {
+        if self.shared.protocol == Protocol::Lmtp {
+            self.finish_lmtp_transaction(raw_data, via_bdat);
+            return;
+        }
         let reply = self
             .config_reply(|c| c.final_reply.as_ref())
             .unwrap_or_else(|| {
@@ -834,5 +899,42 @@ impl Connection {
         }
         self.session.reset_transaction();
         self.reply(&reply);
+    }
+
+    /// Sends one reply per accepted recipient, in RCPT order (RFC 2033 §4.2),
+    /// and records the message with the recipients that got 2xx.
+    fn finish_lmtp_transaction(&mut self, raw_data: Vec<u8>, via_bdat: bool) {
+        let recipients = std::mem::take(&mut self.session.rcpt_to);
+        let mut queue_id = None;
+        let mut delivered = Vec::new();
+        for recipient in recipients {
+            let address = normalize_address(&recipient);
+            let configured =
+                self.config_reply(|c| c.lmtp_data_replies.get(&address).or(c.final_reply.as_ref()));
+            let reply = configured.unwrap_or_else(|| {
+                let id = *queue_id.get_or_insert_with(|| {
+                    self.shared.queue_ids.fetch_add(1, Ordering::SeqCst) + 1
+                });
+                format!("250 2.0.0 <{address}> Ok: queued as {id}")
+            });
+            if is_positive_completion(&reply) {
+                delivered.push(recipient);
+            }
+            self.reply(&reply);
+        }
+
+        if !delivered.is_empty() {
+            let message = SinkMessage {
+                helo: self.session.helo.clone().unwrap_or_default(),
+                mail_from: self.session.mail_from.clone().unwrap_or_default(),
+                rcpt_to: delivered,
+                raw_data,
+                via_bdat,
+                connection: self.id,
+            };
+            lock(&self.shared.messages).push(message);
+            self.shared.message_added.notify_waiters();
+        }
+        self.session.reset_transaction();
     }
 }
