@@ -269,11 +269,22 @@ pub async fn wait_for_directory(directory: &wsmtp::directory::Directory) {
 /// Spools `count` small messages straight into the queue, each to the
 /// given local recipients.
 pub async fn spool_messages(queue: &Queue, count: usize, recipients: &[&str]) {
+    spool_messages_for_group(queue, count, recipients, None).await;
+}
+
+/// Like [`spool_messages`], with every recipient routed to `group`, as the
+/// listener stores relay-domain recipients of a spooled transaction.
+pub async fn spool_messages_for_group(
+    queue: &Queue,
+    count: usize,
+    recipients: &[&str],
+    group: Option<&str>,
+) {
     let recipients: Vec<wsmtp::queue::SpoolRecipient> = recipients
         .iter()
         .map(|address| wsmtp::queue::SpoolRecipient {
             address: address.to_string(),
-            route_group: None,
+            route_group: group.map(str::to_string),
             orcpt: None,
             notify: None,
         })
