@@ -32,6 +32,17 @@ struct Setup {
 
 /// Lines added under `delivery:`, each indented by two spaces.
 async fn setup(zone: Zone, delivery: &str, legacy_host: Option<&str>) -> Setup {
+    setup_with_fallback(zone, delivery, legacy_host, false).await
+}
+
+/// Like [`setup`]; `fallback` spools example.net recipients when the group
+/// `legacy` is unreachable.
+async fn setup_with_fallback(
+    zone: Zone,
+    delivery: &str,
+    legacy_host: Option<&str>,
+    fallback: bool,
+) -> Setup {
     let legacy = Sink::start().await;
     let mx1 = Sink::start_on("127.0.0.2:0".parse().unwrap()).await;
     let port = mx1.addr.port();
@@ -41,12 +52,17 @@ async fn setup(zone: Zone, delivery: &str, legacy_host: Option<&str>) -> Setup {
     let legacy_host = legacy_host
         .map(str::to_string)
         .unwrap_or_else(|| legacy.addr.to_string());
+    let fallback = if fallback {
+        "      fallback: queue\n"
+    } else {
+        ""
+    };
     let yaml = format!(
         "hostname: mx.test.example\n\
          listeners:\n  - address: 127.0.0.1:0\n\
          timeouts:\n  shutdown_grace: 2s\n\
          relay:\n  local_domains: [example.com]\n  \
-         relay_domains:\n    - domain: example.net\n      group: legacy\n  \
+         relay_domains:\n    - domain: example.net\n      group: legacy\n{fallback}  \
          relay_networks: [127.0.0.1/32]\n\
          downstream_groups:\n  - name: legacy\n    connect_timeout: 1s\n    command_timeout: 10s\n    \
          tls: none\n    hosts: [{legacy_host}]\n\
@@ -406,4 +422,225 @@ async fn null_sender_failure_is_dropped_without_notification() {
     setup.wait_until_empty(Duration::from_secs(20)).await;
     assert!(setup.mx1.messages().is_empty());
     assert!(setup.legacy.messages().is_empty());
+}
+
+/// Adds an account whose mailbox is on an LMTP server.
+async fn add_lmtp_account(db: &tokio_postgres::Client, name: &str, server: SocketAddr) {
+    let id: i64 = db
+        .query_one(
+            "INSERT INTO accounts (name, mailbox_kind, mailbox_target) VALUES ($1, 'lmtp', $2) RETURNING id",
+            &[&name, &server.to_string()],
+        )
+        .await
+        .expect("add account")
+        .get(0);
+    db.execute(
+        "INSERT INTO addresses (address, domain, account_id) VALUES ($1, 'example.com', $2)",
+        &[&format!("{name}@example.com"), &id],
+    )
+    .await
+    .expect("add address");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lmtp_replies_count_per_recipient() {
+    let setup = setup(remote_zone(), "", None).await;
+    let lmtp = Sink::start_lmtp().await;
+    lmtp.set_lmtp_data_reply("mona@example.com", "452 4.2.2 mailbox full");
+    let db = setup.db().await;
+    add_lmtp_account(&db, "lena", lmtp.addr).await;
+    add_lmtp_account(&db, "mona", lmtp.addr).await;
+    wait_until_current(&db, setup.server.directory.as_ref().unwrap()).await;
+
+    setup
+        .send(
+            "sender@example.net",
+            &["lena@example.com", "mona@example.com"],
+            "lmtp",
+        )
+        .await;
+    let first = lmtp.wait_for_messages(1, Duration::from_secs(10)).await;
+    assert_eq!(first.len(), 1);
+    let accepted: Vec<&str> = first[0].rcpt_to.iter().map(|r| r.trim()).collect();
+    assert_eq!(
+        accepted,
+        vec!["<lena@example.com>"],
+        "one transaction, lena accepted"
+    );
+
+    // mona's delivery is retried, alone, once her mailbox has room.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply: Option<String> = db
+            .query_opt(
+                "SELECT last_reply FROM deliveries WHERE address = 'mona@example.com' AND attempts > 0",
+                &[],
+            )
+            .await
+            .expect("query")
+            .map(|row| row.get(0));
+        if let Some(reply) = reply {
+            assert!(reply.starts_with("452 4.2.2"), "{reply}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "mona's deferral not recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lmtp.clear_overrides();
+    setup.wait_until_empty(Duration::from_secs(20)).await;
+    let messages = lmtp.messages();
+    assert_eq!(messages.len(), 2);
+    assert_eq!(messages[1].rcpt_to[0].trim(), "<mona@example.com>");
+    assert!(notifications(&messages).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_fallback_is_delivered_when_the_group_returns() {
+    // A port that is free now: the group is down until a sink starts there.
+    let parked = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = parked.local_addr().expect("address");
+    drop(parked);
+    let setup = setup_with_fallback(remote_zone(), "", Some(&address.to_string()), true).await;
+    setup
+        .send("sender@remote.test", &["ned@example.net"], "fallback")
+        .await;
+
+    let db = setup.db().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let attempts: Option<i32> = db
+            .query_opt(
+                "SELECT attempts FROM deliveries WHERE address = 'ned@example.net'",
+                &[],
+            )
+            .await
+            .expect("query")
+            .map(|row| row.get(0));
+        if attempts.is_some_and(|n| n >= 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no delivery attempt while the group is down"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let returned = Sink::start_on(address).await;
+    setup.wait_until_empty(Duration::from_secs(20)).await;
+    let messages = returned.messages();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].rcpt_to[0].trim(), "<ned@example.net>");
+}
+
+/// A certificate for mx.secure.test, signed by nobody the client trusts.
+fn self_signed(directory: &Path) -> (PathBuf, PathBuf) {
+    let certified = rcgen::generate_simple_self_signed(vec!["mx.secure.test".to_string()])
+        .expect("certificate");
+    let certificate = directory.join("cert.pem");
+    let key = directory.join("key.pem");
+    std::fs::write(&certificate, certified.cert.pem()).expect("write certificate");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write key");
+    (certificate, key)
+}
+
+/// A second wsmtp on 127.0.0.5 at the MX port, with STARTTLS, that passes
+/// secure.test mail on to `sink`.
+async fn start_tls_mx(port: u16, sink: &Sink, directory: &Path) -> TestServer {
+    let (certificate, key) = self_signed(directory);
+    let yaml = format!(
+        "hostname: mx.secure.test\n\
+         listeners:\n  - address: 127.0.0.5:{port}\n    tls: {{certificate: '{}', key: '{}'}}\n\
+         relay:\n  relay_domains:\n    - domain: secure.test\n      group: inner\n\
+         downstream_groups:\n  - name: inner\n    hosts: [{}]\n",
+        certificate.display(),
+        key.display(),
+        sink.addr
+    );
+    TestServer::start_yaml(&yaml, None).await
+}
+
+fn secure_zone() -> Zone {
+    remote_zone()
+        .mx("secure.test", 10, "mx.secure.test")
+        .a("mx.secure.test", Ipv4Addr::new(127, 0, 0, 5))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn encrypt_policy_delivers_over_starttls() {
+    let setup = setup(
+        secure_zone(),
+        "  tls_policy:\n    - {domain: secure.test, tls: encrypt}\n",
+        None,
+    )
+    .await;
+    let inner = Sink::start().await;
+    let certificates = tempfile::tempdir().expect("temp dir");
+    let port = setup.mx1.addr.port();
+    let secure_mx = start_tls_mx(port, &inner, certificates.path()).await;
+
+    setup
+        .send("sender@example.com", &["pat@secure.test"], "secret")
+        .await;
+    setup.wait_until_empty(Duration::from_secs(20)).await;
+    let messages = inner.messages();
+    assert_eq!(messages.len(), 1);
+    let content = messages[0].unstuffed();
+    assert!(
+        contains(&content, "with ESMTPS"),
+        "the MX received it over TLS: {}",
+        String::from_utf8_lossy(&content)
+    );
+    secure_mx.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn required_tls_defers_when_unavailable_or_untrusted() {
+    let setup = setup(
+        secure_zone(),
+        "  tls_policy:\n    - {domain: remote.test, tls: encrypt}\n    - {domain: secure.test, tls: verify}\n",
+        None,
+    )
+    .await;
+    let inner = Sink::start().await;
+    let certificates = tempfile::tempdir().expect("temp dir");
+    let port = setup.mx1.addr.port();
+    let secure_mx = start_tls_mx(port, &inner, certificates.path()).await;
+
+    setup
+        .send("sender@example.com", &["kim@remote.test"], "plain-only")
+        .await;
+    setup
+        .send("sender@example.com", &["pat@secure.test"], "untrusted")
+        .await;
+    let db = setup.db().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replies: Vec<(String, String)> = loop {
+        let rows = db
+            .query(
+                "SELECT address, last_reply FROM deliveries WHERE attempts > 0 ORDER BY address",
+                &[],
+            )
+            .await
+            .expect("query");
+        if rows.len() == 2 {
+            break rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "both deliveries should have been tried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(replies[0].0, "kim@remote.test");
+    assert!(replies[0].1.contains("4.7.5"), "{}", replies[0].1);
+    assert!(
+        replies[0].1.contains("does not offer STARTTLS"),
+        "{}",
+        replies[0].1
+    );
+    assert_eq!(replies[1].0, "pat@secure.test");
+    assert!(replies[1].1.contains("4.7.5"), "{}", replies[1].1);
+    assert!(setup.mx1.messages().is_empty());
+    assert!(inner.messages().is_empty());
+    secure_mx.stop().await;
 }
