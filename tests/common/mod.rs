@@ -4,4 +4,5 @@
 pub mod db;
 pub mod directory;
 pub mod harness;
+pub mod routed;
 pub mod sink;
