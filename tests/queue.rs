@@ -10,7 +10,8 @@ use common::db::TestDb;
 use sha2::{Digest, Sha256};
 use tokio_postgres::error::SqlState;
 use wsmtp::queue::{
-    Envelope, ListFilter, Queue, QueueConfig, QueueError, QueueId, SpoolRecipient, new_queue_id,
+    Envelope, ListFilter, ListState, Queue, QueueConfig, QueueError, QueueId, SpoolRecipient,
+    new_queue_id,
 };
 
 fn config(db: &TestDb) -> QueueConfig {
@@ -335,8 +336,8 @@ async fn dropped_writer_is_removed_by_janitor() {
     );
     let listed = queue
         .list(&ListFilter {
-            state: Some("ready".to_owned()),
-            limit: 0,
+            state: Some(ListState::Ready),
+            ..ListFilter::default()
         })
         .await
         .expect("list");
@@ -690,8 +691,9 @@ async fn list_and_show_return_stored_values() {
 
     let ready = queue
         .list(&ListFilter {
-            state: Some("ready".to_owned()),
+            state: Some(ListState::Ready),
             limit: 10,
+            ..ListFilter::default()
         })
         .await
         .expect("list ready");
@@ -700,8 +702,8 @@ async fn list_and_show_return_stored_values() {
 
     let limited = queue
         .list(&ListFilter {
-            state: None,
             limit: 1,
+            ..ListFilter::default()
         })
         .await
         .expect("list limited");

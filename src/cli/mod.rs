@@ -4,7 +4,7 @@
 //! stderr and make the process exit non-zero.
 
 pub mod accounts;
-mod queue_commands;
+pub mod queue_commands;
 pub mod serve;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::Config;
+use queue_commands::QueueCommand;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -53,34 +54,14 @@ pub enum Command {
     Check,
     /// Create the queue database if missing and apply the migrations.
     Migrate,
-    /// Inspect the queue.
+    /// Inspect and manage the queue: list, show, retry, hold, release,
+    /// delete and stats.
     #[command(subcommand)]
     Queue(QueueCommand),
     /// Manage the account directory: domains, accounts, addresses, forwards,
     /// auto-replies and mailing lists; import legacy alias files.
     #[command(subcommand)]
     Accounts(accounts::AccountsCommand),
-}
-
-#[derive(Subcommand, Debug)]
-pub enum QueueCommand {
-    /// List queued messages, oldest first.
-    List {
-        /// Only messages in this state: receiving or ready.
-        #[arg(long, value_parser = ["receiving", "ready"])]
-        state: Option<String>,
-        /// Maximum number of messages shown.
-        #[arg(long, default_value_t = 100)]
-        limit: i64,
-    },
-    /// Show one message: envelope, recipients and their routes.
-    Show {
-        /// Queue id, as printed by `queue list` or in the 250 reply.
-        id: String,
-        /// Also print the stored message content.
-        #[arg(long)]
-        body: bool,
-    },
 }
 
 /// Runs the parsed command line and returns the process exit code.
@@ -93,7 +74,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Migrate => with_config(&cli.config, |config| {
             runtime(queue_commands::migrate(config))
         }),
-        Command::Queue(command) => with_config(&cli.config, |config| {
+        // Like the accounts commands below, the queue commands print their
+        // own results.
+        Command::Queue(command) => with_config_and_filter(&cli.config, Some("warn"), |config| {
             runtime(queue_commands::run(config, command))
         }),
         // The accounts commands print their own results, so the info lines

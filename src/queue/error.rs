@@ -22,6 +22,11 @@ pub enum QueueError {
     #[error("invalid queue configuration: {0}")]
     InvalidConfig(String),
 
+    /// An operator command got an invalid value, such as an empty
+    /// destination name.
+    #[error("{0}")]
+    InvalidArgument(String),
+
     /// The database could not be reached, a pool timeout passed, or the
     /// connection broke. Transient.
     #[error("queue database unavailable while trying to {action}: {detail}")]
@@ -92,6 +97,7 @@ impl QueueError {
             QueueError::Database { source, .. } => is_transient_sqlstate(source.code()),
             QueueError::InvalidUrl { .. }
             | QueueError::InvalidConfig(_)
+            | QueueError::InvalidArgument(_)
             | QueueError::Integrity { .. }
             | QueueError::WriterFailed { .. }
             | QueueError::NotFound { .. }

@@ -8,7 +8,9 @@
 //! [`SpoolWriter::commit`]. [`insert_generated`] stores a message that
 //! wsmtp builds itself, such as an auto-reply, inside the caller's
 //! transaction. [`Queue::list`], [`Queue::show`],
-//! [`Queue::read_body`] and [`Queue::copy_body`] inspect the spool, and
+//! [`Queue::read_body`] and [`Queue::copy_body`] inspect the spool,
+//! [`Queue::retry`], [`Queue::hold`], [`Queue::release`], [`Queue::delete`]
+//! and [`Queue::stats`] are the operator commands, and
 //! [`Queue::remove_expired_receiving`] is the janitor for abandoned
 //! receptions.
 //!
@@ -44,9 +46,11 @@
 //! and the client's retry creates a duplicate (the duplicate problem of
 //! RFC 1047). Bodies are checked against their digest only when read.
 
+mod admin;
 mod error;
 mod generated;
 mod inspect;
+mod json;
 mod schema;
 mod upkeep;
 mod writer;
@@ -56,9 +60,17 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
+pub use admin::{
+    ADMIN_BATCH_SIZE, AGE_BUCKET_MINUTES, DELIVERY_WAKEUP_CHANNEL, DeleteOutcome, DeliveryCounts,
+    DestinationState, DestinationStats, HoldOutcome, QueueStats, ReleaseOutcome, RetryOutcome,
+    Target, destination_names,
+};
 pub use error::{QueueError, describe_database_error};
 pub use generated::insert_generated;
-pub use inspect::{ListFilter, MessageDetail, MessageSummary, RecipientDetail};
+pub use inspect::{
+    AddressPattern, DeliveryDetail, DeliveryLease, ListFilter, ListState, MessageDetail,
+    MessageSummary, RecipientDetail,
+};
 pub use upkeep::Upkeep;
 pub use writer::SpoolWriter;
 
@@ -265,7 +277,7 @@ impl Queue {
         const ACTION: &str = "remove expired receiving messages";
         // Batches keep each statement well below statement_timeout even when
         // many large bodies are left over.
-        const BATCH: i64 = 100;
+        const ADMIN_BATCH_SIZE: i64 = 100;
 
         let client = self.client(ACTION).await?;
         let statement = client
@@ -282,11 +294,11 @@ impl Queue {
         let mut removed = 0;
         loop {
             let count = client
-                .execute(&statement, &[&BATCH])
+                .execute(&statement, &[&ADMIN_BATCH_SIZE])
                 .await
                 .map_err(|e| QueueError::from_pg(ACTION, e))?;
             removed += count;
-            if count < BATCH as u64 {
+            if count < ADMIN_BATCH_SIZE as u64 {
                 break;
             }
         }

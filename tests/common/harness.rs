@@ -197,11 +197,12 @@ impl TestServer {
         self.queue.as_ref().expect("test server has a queue")
     }
 
-    /// Messages in the `ready` state.
+    /// Messages in the `ready` state that are not held.
     pub async fn ready_messages(&self) -> Vec<wsmtp::queue::MessageSummary> {
         let filter = wsmtp::queue::ListFilter {
-            state: Some("ready".to_string()),
+            state: Some(wsmtp::queue::ListState::Ready),
             limit: 1000,
+            ..Default::default()
         };
         self.queue().list(&filter).await.expect("list queue")
     }
@@ -209,8 +210,8 @@ impl TestServer {
     /// Every message row, whatever its state.
     pub async fn all_messages(&self) -> Vec<wsmtp::queue::MessageSummary> {
         let filter = wsmtp::queue::ListFilter {
-            state: None,
             limit: 1000,
+            ..Default::default()
         };
         self.queue().list(&filter).await.expect("list queue")
     }

@@ -6,4 +6,5 @@ pub mod db;
 pub mod directory;
 pub mod dns;
 pub mod harness;
+pub mod routed;
 pub mod sink;
