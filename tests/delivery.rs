@@ -644,3 +644,47 @@ async fn required_tls_defers_when_unavailable_or_untrusted() {
     assert!(inner.messages().is_empty());
     secure_mx.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_delete_with_bounce_notifies_the_sender() {
+    let zone = remote_zone()
+        .mx("dead.test", 10, "mx.dead.test")
+        .a("mx.dead.test", Ipv4Addr::new(127, 0, 0, 4));
+    let setup = setup(zone, "", None).await;
+    let id = setup
+        .send("owner@remote.test", &["stuck@dead.test"], "stuck")
+        .await;
+    let db = setup.db().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db
+        .query_opt("SELECT 1 FROM deliveries WHERE attempts > 0", &[])
+        .await
+        .expect("query")
+        .is_none()
+    {
+        assert!(Instant::now() < deadline, "no attempt recorded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let settings = wsmtp::delivery::notify::NotificationSettings::new("mx.test.example");
+    let outcome = wsmtp::delivery::store::bounce_and_delete(setup.server.queue(), &settings, &[id])
+        .await
+        .expect("bounce and delete");
+    assert_eq!(outcome.deleted, vec![id]);
+    assert_eq!(outcome.notifications, 1);
+    setup.wait_until_empty(Duration::from_secs(20)).await;
+    let reports = notifications(&setup.mx1.messages())
+        .into_iter()
+        .map(SinkMessage::unstuffed)
+        .collect::<Vec<_>>();
+    assert_eq!(reports.len(), 1);
+    assert!(contains(
+        &reports[0],
+        "Final-Recipient: rfc822; stuck@dead.test"
+    ));
+    let report = String::from_utf8_lossy(&reports[0]);
+    assert!(
+        report.contains("message deleted from the queue"),
+        "{report}"
+    );
+}

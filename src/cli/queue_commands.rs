@@ -9,6 +9,7 @@ use clap::{ArgGroup, Args, Subcommand};
 use time::OffsetDateTime;
 
 use crate::config::Config;
+use crate::delivery::notify::NotificationSettings;
 use crate::queue::{
     AGE_BUCKET_MINUTES, DestinationState, ListFilter, ListState, MessageDetail, MessageSummary,
     Queue, QueueId, QueueStats, Target,
@@ -39,11 +40,16 @@ pub enum QueueCommand {
     /// Release held messages or destinations and make their deliveries due
     /// now.
     Release(TargetArgs),
-    /// Delete messages silently, without a bounce to the sender.
+    /// Delete messages: silently, or with --bounce after telling the
+    /// sender that the recipients not yet delivered were not.
     Delete {
         /// Queue ids; `-` reads whitespace-separated ids from standard input.
         #[arg(required = true, value_name = "ID")]
         ids: Vec<String>,
+        /// Send a failure notification (from <>) for every recipient not yet
+        /// delivered before deleting.
+        #[arg(long)]
+        bounce: bool,
     },
     /// Count messages and deliveries and show the destinations with the most
     /// pending deliveries, their backoff and the age of their mail.
@@ -131,7 +137,10 @@ pub async fn run(config: Config, command: QueueCommand) -> anyhow::Result<()> {
         QueueCommand::Retry(args) => retry(&queue, args).await,
         QueueCommand::Hold(args) => hold(&queue, args).await,
         QueueCommand::Release(args) => release(&queue, args).await,
-        QueueCommand::Delete { ids } => delete(&queue, &ids).await,
+        QueueCommand::Delete { ids, bounce: false } => delete(&queue, &ids).await,
+        QueueCommand::Delete { ids, bounce: true } => {
+            bounce_and_delete(&queue, &config, &ids).await
+        }
         QueueCommand::Stats { top, json } => stats(&queue, top, json).await,
     }
 }
@@ -430,6 +439,24 @@ async fn delete(queue: &Queue, ids: &[String]) -> anyhow::Result<()> {
             outcome.in_flight
         );
     }
+    Ok(())
+}
+
+async fn bounce_and_delete(queue: &Queue, config: &Config, ids: &[String]) -> anyhow::Result<()> {
+    let ids = parse_ids(ids)?;
+    let mut settings = NotificationSettings::new(config.hostname.clone());
+    settings.return_limit = config.delivery.bounce_return_limit;
+    if let Some(queue_settings) = &config.queue {
+        settings.chunk_size = queue_settings.database.chunk_size;
+    }
+    let outcome = crate::delivery::store::bounce_and_delete(queue, &settings, &ids).await?;
+    warn_missing(&outcome.missing);
+    println!(
+        "deleted {} message(s); {} notification(s) spooled for {} recipient(s)",
+        outcome.deleted.len(),
+        outcome.notifications,
+        outcome.bounced
+    );
     Ok(())
 }
 

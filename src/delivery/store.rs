@@ -537,3 +537,89 @@ fn humanize(duration: Duration) -> String {
     }
     format!("{seconds} seconds")
 }
+
+/// What [`bounce_and_delete`] did.
+#[derive(Clone, Debug, Default)]
+pub struct BounceOutcome {
+    pub deleted: Vec<QueueId>,
+    pub missing: Vec<QueueId>,
+    /// Notifications spooled, one per message and reverse-path.
+    pub notifications: usize,
+    /// Recipients named in them.
+    pub bounced: usize,
+}
+
+/// Deletes messages after telling their senders, in one failure
+/// notification per message and reverse-path, that every recipient not yet
+/// delivered was not. Each message is handled in its own transaction.
+pub async fn bounce_and_delete(
+    queue: &Queue,
+    settings: &NotificationSettings,
+    ids: &[QueueId],
+) -> Result<BounceOutcome, StoreError> {
+    const DIAGNOSTIC: &str = "550 5.0.0 message deleted from the queue by the operator";
+    let mut outcome = BounceOutcome::default();
+    let mut client = queue.pool().get().await?;
+    for id in ids {
+        let transaction = client.transaction().await?;
+        let Some(message) = transaction
+            .query_opt(
+                "SELECT sender FROM messages WHERE id = $1 FOR UPDATE",
+                &[id],
+            )
+            .await?
+        else {
+            outcome.missing.push(*id);
+            continue;
+        };
+        let sender: String = message.get(0);
+        // Deliveries not yet made, and recipients not yet routed, each with
+        // the reverse-path its notification goes to.
+        let rows = transaction
+            .query(
+                "SELECT b.sender, d.address, d.orcpt, d.notify
+                   FROM deliveries d JOIN delivery_batches b ON b.id = d.batch_id
+                  WHERE d.message_id = $1 AND d.state = 'pending'
+                 UNION ALL
+                 SELECT $2, r.address, r.orcpt, r.notify
+                   FROM recipients r
+                  WHERE r.message_id = $1 AND r.state = 'queued'",
+                &[id, &sender],
+            )
+            .await?;
+        let now = OffsetDateTime::now_utc();
+        let mut by_sender: BTreeMap<String, Vec<DsnRecipient>> = BTreeMap::new();
+        for row in &rows {
+            let notify: Option<String> = row.get(3);
+            if !notify_requests(notify.as_deref(), DsnAction::Failed) {
+                continue;
+            }
+            by_sender.entry(row.get(0)).or_default().push(DsnRecipient {
+                final_recipient: row.get(1),
+                original_recipient: row.get(2),
+                action: DsnAction::Failed,
+                status: "5.0.0".to_string(),
+                remote_mta: None,
+                diagnostic: Some(DIAGNOSTIC.to_string()),
+                last_attempt: Some(now),
+                will_retry_until: None,
+            });
+        }
+        for (to, recipients) in &by_sender {
+            let spooled = spool_notification(&transaction, settings, *id, to, recipients)
+                .await
+                .map_err(|error| StoreError::Notification(error.to_string()))?;
+            if spooled.is_some() {
+                outcome.notifications += 1;
+                outcome.bounced += recipients.len();
+            }
+        }
+        transaction
+            .execute("DELETE FROM messages WHERE id = $1", &[id])
+            .await?;
+        transaction.commit().await?;
+        tracing::info!(queue_id = %id.simple(), bounced = rows.len(), "message bounced and deleted by the operator");
+        outcome.deleted.push(*id);
+    }
+    Ok(outcome)
+}
