@@ -105,7 +105,7 @@ impl Setup {
         send_spooled(&mut client, sender, recipients, content.as_bytes()).await
     }
 
-    /// Waits until the queue holds no message at all.
+    /// Waits until the queue contains no message at all.
     async fn wait_until_empty(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
@@ -142,7 +142,7 @@ fn maildir_messages(maildir: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Waits until a Maildir holds `count` messages and returns them.
+/// Waits until a Maildir contains `count` messages and returns them.
 async fn wait_for_maildir(maildir: &Path, count: usize, timeout: Duration) -> Vec<Vec<u8>> {
     let deadline = Instant::now() + timeout;
     loop {
@@ -175,7 +175,7 @@ fn remote_zone() -> Zone {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn one_message_reaches_maildir_group_and_mx_once_each() {
+async fn message_reaches_every_destination_once() {
     let setup = setup(remote_zone(), "", None).await;
     let db = setup.db().await;
     let dave = setup.maildir("dave");

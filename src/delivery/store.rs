@@ -9,9 +9,9 @@
 //!
 //! Completion: the transaction that makes a message's last delivery
 //! terminal deletes the message. It locks the message row first and checks
-//! for remaining work in a later statement, whose snapshot then includes
-//! every transaction that held the lock before, so two workers finishing
-//! the last deliveries of one message at once cannot both miss the end.
+//! for remaining work in a later statement. That statement's snapshot
+//! includes every transaction that held the lock before, so two workers that
+//! finish the last deliveries of one message at once cannot both miss the end.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

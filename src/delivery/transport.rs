@@ -34,7 +34,7 @@ pub enum Protocol {
     Lmtp,
 }
 
-/// Where a connection goes.
+/// Destination of a connection.
 #[derive(Clone, Debug)]
 pub enum Target {
     /// A resolved address; `name` is the host name for TLS and logs.
@@ -88,7 +88,7 @@ pub struct ConnectSettings {
     pub final_reply_timeout: Duration,
 }
 
-/// Why a connection could not be set up. All of these are temporary for the
+/// Failure to set up a connection. All of these are temporary for the
 /// messages: another host, or a later attempt, may succeed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -145,7 +145,7 @@ pub struct OutboundRecipient {
     pub notify: Option<String>,
 }
 
-/// What happened to one recipient.
+/// Outcome for one recipient.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// The server took responsibility (2xx after the data).
@@ -216,7 +216,7 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects, reads the greeting, says EHLO (HELO as a fallback for
+    /// Connects, reads the greeting, sends EHLO (HELO as a fallback for
     /// SMTP), and starts TLS as `settings.tls` asks.
     pub async fn open(
         target: &Target,

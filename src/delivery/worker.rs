@@ -35,7 +35,7 @@ use super::transport::{
 const DESTINATIONS_PER_ROUND: i64 = 256;
 
 /// Recipients per SMTP transaction. RFC 5321 §4.5.3.1.8 requires servers to
-/// accept at least 100; a server that accepts fewer answers 452 to the rest,
+/// accept at least 100; a server that accepts fewer replies 452 to the rest,
 /// which are retried.
 const MAX_RECIPIENTS_PER_TRANSACTION: usize = 100;
 
@@ -67,7 +67,7 @@ impl Route {
     }
 }
 
-/// Why no connection could be opened for a destination.
+/// Failure to open any connection for a destination.
 enum ConnectFailure {
     /// Every recipient of the destination fails, e.g. a null MX.
     Permanent(String),

@@ -2,7 +2,7 @@
 
 use super::{Queue, QueueError};
 
-/// What one round of upkeep did: expired leases returned, missing
+/// Counts of one round of upkeep: expired leases returned, missing
 /// destination rows re-created, and complete messages deleted. Any process
 /// with a queue may run it.
 #[derive(Clone, Copy, Debug, Default)]
