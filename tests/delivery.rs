@@ -688,3 +688,37 @@ async fn operator_delete_with_bounce_notifies_the_sender() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn held_mail_waits_until_released() {
+    use wsmtp::queue::Target;
+    let setup = setup(remote_zone(), "", None).await;
+    let queue = setup.server.queue();
+    let destination = Target::Destination("domain:remote.test".into());
+    queue.hold(&destination).await.expect("hold destination");
+    let id = setup
+        .send("sender@example.com", &["kim@remote.test"], "held")
+        .await;
+    queue
+        .hold(&Target::Messages(vec![id]))
+        .await
+        .expect("hold message");
+    queue
+        .release(&destination)
+        .await
+        .expect("release destination");
+
+    // Still held by the message hold.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(setup.mx1.messages().is_empty(), "held mail was delivered");
+    let detail = queue.show(id).await.expect("show").expect("message");
+    assert!(detail.held);
+    assert!(detail.deliveries.iter().all(|d| d.attempts == 0));
+
+    queue
+        .release(&Target::Messages(vec![id]))
+        .await
+        .expect("release message");
+    setup.wait_until_empty(Duration::from_secs(10)).await;
+    assert_eq!(setup.mx1.messages().len(), 1);
+}

@@ -167,9 +167,9 @@ impl DeliveryStore {
                               LIMIT $2) AS due)
                    FROM destinations t
                   WHERE NOT t.held AND t.next_attempt_at <= now()
-                    AND EXISTS (SELECT 1 FROM deliveries d
+                    AND EXISTS (SELECT 1 FROM deliveries d JOIN messages m ON m.id = d.message_id
                                  WHERE d.destination = t.name AND d.state = 'pending'
-                                   AND d.next_attempt_at <= now())
+                                   AND d.next_attempt_at <= now() AND NOT m.held)
                   ORDER BY t.next_attempt_at
                   LIMIT $1",
             )
@@ -413,6 +413,28 @@ impl DeliveryStore {
             will_retry_until: (action == DsnAction::Delayed)
                 .then(|| delivery.message.received_at + self.config.max_lifetime),
         }
+    }
+
+    /// Hands claimed deliveries back unattempted, due at once, where the
+    /// lease is still ours.
+    pub async fn release(&self, deliveries: &[&ClaimedDelivery]) -> Result<(), StoreError> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
+        let tokens: Vec<i64> = deliveries.iter().map(|d| d.token).collect();
+        let client = self.queue.pool().get().await?;
+        client
+            .execute(
+                "UPDATE deliveries d
+                    SET lease_owner = NULL, lease_until = NULL, next_attempt_at = now()
+                   FROM unnest($1::bigint[], $2::bigint[]) AS u(id, token)
+                  WHERE d.id = u.id AND d.lease_token = u.token AND d.lease_owner = $3
+                    AND d.state = 'pending'",
+                &[&ids, &tokens, &self.owner],
+            )
+            .await?;
+        Ok(())
     }
 
     /// Backs a destination off after a failed connection attempt; the

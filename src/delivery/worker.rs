@@ -86,6 +86,7 @@ pub struct DeliveryWorkers {
     sessions: Arc<Semaphore>,
     /// Open sessions per destination.
     active: Mutex<HashMap<String, usize>>,
+    shutdown_grace: std::time::Duration,
 }
 
 impl DeliveryWorkers {
@@ -107,6 +108,7 @@ impl DeliveryWorkers {
             session_ended: Notify::new(),
             sessions,
             active: Mutex::new(HashMap::new()),
+            shutdown_grace: config.timeouts.shutdown_grace,
             store,
         })
     }
@@ -154,8 +156,17 @@ impl DeliveryWorkers {
                 () = shutdown.cancelled() => {}
             }
         }
-        // Every session holds a permit until it ends.
-        let _ = self.sessions.acquire_many(config.workers as u32).await;
+        // Every session holds a permit until it ends. Sessions still busy
+        // after the grace period are cut off with the process; their work
+        // returns when their leases end.
+        let drained = tokio::time::timeout(
+            self.shutdown_grace,
+            self.sessions.acquire_many(config.workers as u32),
+        )
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace = ?self.shutdown_grace, "delivery sessions still busy at the end of the shutdown grace period");
+        }
         tracing::info!("delivery workers stopped");
     }
 
@@ -192,7 +203,7 @@ impl DeliveryWorkers {
             let destination = destination.to_string();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
-                workers.session(&destination, failures, &shutdown).await;
+                let claimed = workers.session(&destination, failures, &shutdown).await;
                 {
                     let mut active = workers.active.lock().expect("active sessions lock");
                     if let Some(count) = active.get_mut(&destination) {
@@ -203,18 +214,37 @@ impl DeliveryWorkers {
                     }
                 }
                 drop(permit);
-                workers.session_ended.notify_one();
+                // A session that found nothing (its work was held or taken
+                // by another process) must not wake the scheduler, which
+                // would start the same session again at once.
+                if claimed > 0 {
+                    workers.session_ended.notify_one();
+                }
             });
         }
     }
 
-    async fn session(&self, destination: &str, failures: i32, shutdown: &CancellationToken) {
+    /// Runs one session; returns how many deliveries it claimed.
+    async fn session(
+        &self,
+        destination: &str,
+        failures: i32,
+        shutdown: &CancellationToken,
+    ) -> usize {
         let Some(route) = Route::parse(destination) else {
+            let error = "the destination is of an unknown kind";
             tracing::error!(
                 destination,
                 "deliveries name a destination of unknown kind; they stay queued"
             );
-            return;
+            if let Err(store_error) = self
+                .store
+                .defer_destination(destination, failures + 1, error)
+                .await
+            {
+                tracing::warn!(destination, error = %store_error, "backing off the destination failed");
+            }
+            return 0;
         };
         let result = match &route {
             Route::Maildir(path) => self.maildir_session(destination, path, shutdown).await,
@@ -223,8 +253,12 @@ impl DeliveryWorkers {
                     .await
             }
         };
-        if let Err(error) = result {
-            tracing::warn!(destination, error = %error, "delivery session failed; its leases expire and the work is retried");
+        match result {
+            Ok(claimed) => claimed,
+            Err(error) => {
+                tracing::warn!(destination, error = %error, "delivery session failed; its leases expire and the work is retried");
+                1
+            }
         }
     }
 
@@ -236,9 +270,10 @@ impl DeliveryWorkers {
         route: &Route,
         mut failures: i32,
         shutdown: &CancellationToken,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let config = self.store.config();
         let mut connection: Option<Connection> = None;
+        let mut total = 0;
         while !shutdown.is_cancelled() {
             let claimed = self
                 .store
@@ -247,6 +282,7 @@ impl DeliveryWorkers {
             if claimed.is_empty() {
                 break;
             }
+            total += claimed.len();
             let transactions = transactions(&claimed);
             for (index, transaction) in transactions.iter().enumerate() {
                 if connection.is_none() {
@@ -263,7 +299,7 @@ impl DeliveryWorkers {
                                 transactions[index..].iter().flatten().copied().collect();
                             self.connect_failed(destination, &mut failures, failure, &rest)
                                 .await?;
-                            return Ok(());
+                            return Ok(total);
                         }
                     }
                 }
@@ -281,7 +317,14 @@ impl DeliveryWorkers {
                     done.quit().await;
                 }
                 if shutdown.is_cancelled() {
-                    // Claimed work not sent yet returns when its lease ends.
+                    // Claimed work not sent yet is handed back at once
+                    // rather than when its lease ends.
+                    let rest: Vec<&ClaimedDelivery> = transactions[index + 1..]
+                        .iter()
+                        .flatten()
+                        .copied()
+                        .collect();
+                    self.store.release(&rest).await?;
                     break;
                 }
             }
@@ -289,7 +332,7 @@ impl DeliveryWorkers {
         if let Some(open) = connection {
             open.quit().await;
         }
-        Ok(())
+        Ok(total)
     }
 
     /// Sends one message to its recipients at this destination and records
@@ -538,8 +581,9 @@ impl DeliveryWorkers {
         destination: &str,
         path: &std::path::Path,
         shutdown: &CancellationToken,
-    ) -> Result<(), StoreError> {
+    ) -> Result<usize, StoreError> {
         let config = self.store.config();
+        let mut total = 0;
         while !shutdown.is_cancelled() {
             let claimed = self
                 .store
@@ -548,6 +592,7 @@ impl DeliveryWorkers {
             if claimed.is_empty() {
                 break;
             }
+            total += claimed.len();
             for message in transactions(&claimed) {
                 let mut results = Vec::with_capacity(message.len());
                 for delivery in message {
@@ -564,7 +609,7 @@ impl DeliveryWorkers {
                 self.record(destination, &results).await?;
             }
         }
-        Ok(())
+        Ok(total)
     }
 
     async fn write_maildir(&self, path: &std::path::Path, delivery: &ClaimedDelivery) -> Outcome {
