@@ -189,6 +189,8 @@ async fn message_reaches_every_destination_once() {
         &["frank@remote.test"],
     )
     .await;
+    let lmtp = Sink::start_lmtp().await;
+    add_lmtp_account(&db, "lena", lmtp.addr).await;
     add_list(
         &db,
         "team",
@@ -196,6 +198,7 @@ async fn message_reaches_every_destination_once() {
         "team-owner@example.net",
         &[
             "dave@example.com".to_string(),
+            "lena@example.com".to_string(),
             "bob@example.net".to_string(),
         ],
     )
@@ -218,6 +221,15 @@ async fn message_reaches_every_destination_once() {
     assert!(contains(&dave_mail[0], "Subject: fanout"));
     assert!(contains(&dave_mail[0], &id.simple().to_string()));
     assert_eq!(maildir_messages(&erin).len(), 1, "erin gets one copy");
+
+    let mailbox = lmtp.messages();
+    assert_eq!(mailbox.len(), 1, "the LMTP mailbox gets one copy");
+    assert_eq!(mailbox[0].rcpt_to[0].trim(), "<lena@example.com>");
+    assert!(mailbox[0].mail_from.starts_with("<team-owner@example.net>"));
+    assert!(contains(
+        &mailbox[0].unstuffed(),
+        "Delivered-To: lena@example.com"
+    ));
 
     let remote = setup.mx1.messages();
     assert_eq!(remote.len(), 1, "the forward reaches the MX once");
