@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod queue_commands;
+pub mod route;
 pub mod serve;
 
 use std::path::{Path, PathBuf};
@@ -50,8 +51,12 @@ pub enum Command {
         )]
         roles: Vec<serve::Role>,
     },
-    /// Validate the configuration and print every problem with its key and line.
+    /// Validate the configuration and the relay rules and print every
+    /// problem with its key or file and line.
     Check,
+    /// Show, without sending anything, what wsmtp would do with each
+    /// recipient and which rule or directory entry decides it.
+    Route(route::RouteArgs),
     /// Create the queue database if missing and apply the migrations.
     Migrate,
     /// Inspect and manage the queue: list, show, retry, hold, release,
@@ -71,6 +76,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve { roles } => {
             with_config(&cli.config, |config| runtime(serve::serve(config, roles)))
         }
+        Command::Route(args) => with_config_and_filter(&cli.config, Some("warn"), |config| {
+            runtime(route::run(config, args))
+        }),
         Command::Migrate => with_config(&cli.config, |config| {
             runtime(queue_commands::migrate(config))
         }),
@@ -91,12 +99,13 @@ fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             println!(
-                "{}: OK ({} listener(s), {} local domain(s), {} relay domain(s), {} downstream group(s), queue {})",
+                "{}: OK ({} listener(s), {} local domain(s), {} relay domain(s), {} downstream group(s), {} rule(s), queue {})",
                 path.display(),
                 config.listeners.len(),
                 config.relay.local_domains.len(),
                 config.relay.relay_domains.len(),
                 config.groups.len(),
+                config.rules.rules().len(),
                 if config.queue.is_some() {
                     "configured"
                 } else {

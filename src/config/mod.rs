@@ -24,6 +24,7 @@ mod delivery;
 pub use delivery::{DeliveryConfig, TlsMode};
 
 use crate::policy::address::Domain;
+use crate::policy::rules::RuleSet;
 use crate::queue::QueueConfig;
 
 /// One configuration problem: where it is and what is wrong.
@@ -78,6 +79,10 @@ pub struct Config {
     pub queue: Option<QueueSettings>,
     pub router: RouterConfig,
     pub delivery: DeliveryConfig,
+    /// Relay rules from the rules directory; empty when there is none.
+    pub rules: std::sync::Arc<RuleSet>,
+    /// The rules directory read, if any.
+    pub rules_directory: Option<PathBuf>,
     /// How often the directory version is polled when no notification came.
     pub directory_poll_interval: Duration,
     pub log: LogConfig,
@@ -214,6 +219,7 @@ type Text = Spanned<String>;
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     hostname: Option<Text>,
+    rules: Option<Text>,
     #[serde(default)]
     listeners: Vec<RawListener>,
     #[serde(default)]
@@ -483,14 +489,30 @@ impl Config {
         let database_url = std::env::var("DATABASE_URL")
             .ok()
             .filter(|url| !url.is_empty());
-        Config::parse(&text, database_url.as_deref()).map_err(|problems| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            problems,
+        let base = path.parent().unwrap_or(Path::new("."));
+        Config::parse_at(&text, database_url.as_deref(), Some(base)).map_err(|problems| {
+            ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            }
         })
     }
 
-    /// Parses configuration text; `database_url` overrides `queue.url`.
+    /// Parses configuration text; `database_url` overrides `queue.url`. A
+    /// relative `rules` directory is taken from the current directory, and
+    /// without the key no rules are read.
     pub fn parse(text: &str, database_url: Option<&str>) -> Result<Config, Vec<Problem>> {
+        Config::parse_at(text, database_url, None)
+    }
+
+    /// Parses configuration text read from a file in `base`: a relative
+    /// rules directory is taken from there, and without the key `base/rules`
+    /// is read when it exists.
+    pub fn parse_at(
+        text: &str,
+        database_url: Option<&str>,
+        base: Option<&Path>,
+    ) -> Result<Config, Vec<Problem>> {
         let raw: RawConfig = serde_saphyr::from_str(text).map_err(|error| {
             let line = error.location().map(|l| l.line()).unwrap_or(0);
             vec![Problem {
@@ -502,7 +524,9 @@ impl Config {
         let mut checker = Checker {
             problems: Vec::new(),
         };
-        let config = convert(raw, database_url, &mut checker);
+        let rules = raw.rules.clone();
+        let mut config = convert(raw, database_url, &mut checker);
+        load_rules(&mut config, rules.as_ref(), base, &mut checker);
         if checker.problems.is_empty() {
             Ok(config)
         } else {
@@ -575,9 +599,52 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         queue,
         router,
         delivery,
+        rules: Default::default(),
+        rules_directory: None,
         directory_poll_interval,
         log,
     }
+}
+
+/// Reads the rules directory: the `rules` key, else `rules` beside the
+/// configuration file when that directory exists.
+fn load_rules(config: &mut Config, key: Option<&Text>, base: Option<&Path>, checker: &mut Checker) {
+    let directory = match (key, base) {
+        (Some(text), _) => {
+            let path = base.unwrap_or(Path::new("")).join(&text.value);
+            if !path.is_dir() {
+                checker.problem(
+                    "rules",
+                    text.referenced.line(),
+                    format!("rules directory {} does not exist", path.display()),
+                );
+                return;
+            }
+            path
+        }
+        (None, Some(base)) => {
+            let path = base.join("rules");
+            if !path.is_dir() {
+                return;
+            }
+            path
+        }
+        (None, None) => return,
+    };
+    let groups: HashSet<String> = config.groups.keys().cloned().collect();
+    match RuleSet::load(&directory, &groups) {
+        Ok(rules) => config.rules = std::sync::Arc::new(rules),
+        Err(problems) => {
+            for problem in problems {
+                checker.problem(
+                    problem.file.display().to_string(),
+                    problem.line,
+                    problem.message,
+                );
+            }
+        }
+    }
+    config.rules_directory = Some(directory);
 }
 
 fn convert_router(raw: &RawRouter, checker: &mut Checker) -> RouterConfig {

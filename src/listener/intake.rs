@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::passthrough::Relay;
-use crate::policy::{self, Action, DirectoryView, Route};
+use crate::policy::{self, Action, DirectoryView, Route, SessionFacts};
 use crate::queue::{self, Queue, SpoolRecipient, SpoolWriter};
 use crate::smtp::envelope::{Envelope, Recipient};
 use crate::smtp::reply::Reply;
@@ -350,10 +350,19 @@ impl Handler for Intake {
             (Some(_), None) => DirectoryView::Loading,
             (Some(_), Some(snapshot)) => DirectoryView::Ready(snapshot),
         };
-        let decision = policy::decide_recipient(
+        let sender = envelope.sender_text();
+        let session = SessionFacts {
+            client: client.peer.ip(),
+            helo: &client.helo,
+            auth: None,
+            tls: client.tls,
+            sender: &sender,
+        };
+        let decision = policy::decide(
             &self.shared.config.relay,
+            &self.shared.config.rules,
             view,
-            client.peer.ip(),
+            &session,
             &recipient.address,
             recipient.bare_postmaster,
         );

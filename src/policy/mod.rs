@@ -24,10 +24,12 @@
 //! Domains match exactly: a local domain does not cover its subdomains.
 
 pub mod address;
+pub mod rules;
 
 use std::net::IpAddr;
 
 use address::{Address, Domain};
+use rules::{Facts, RecipientKind, Rule, RuleAction, RuleSet};
 
 use crate::config::RelayConfig;
 use crate::directory::{DomainEntry, DomainKind, Lookup, Snapshot, normalise_address};
@@ -194,6 +196,148 @@ fn decide_in_directory(
         Lookup::Unknown { .. } | Lookup::NotInDirectory => {
             Decision::reject(Reply::unknown_user(), "unknown_user")
         }
+    }
+}
+
+/// The session facts that relay rules may look at, besides the recipient.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionFacts<'a> {
+    pub client: IpAddr,
+    pub helo: &'a str,
+    /// Authenticated account name.
+    pub auth: Option<&'a str>,
+    pub tls: bool,
+    /// Reverse-path; "" for `<>`.
+    pub sender: &'a str,
+}
+
+/// Decides one recipient: `<Postmaster>` and the anti-relay check on routing
+/// characters first, then the operator's rules (first match wins), then the
+/// built-in decision of [`decide_recipient`] from the configuration and the
+/// directory.
+pub fn decide(
+    relay: &RelayConfig,
+    rules: &RuleSet,
+    directory: DirectoryView<'_>,
+    session: &SessionFacts<'_>,
+    recipient: &Address,
+    bare_postmaster: bool,
+) -> Decision {
+    let client = canonical_ip(session.client);
+    let trusted = relay.relay_networks.iter().any(|n| n.contains(&client));
+    let guarded = bare_postmaster || (recipient.has_routing_characters() && !trusted);
+    if recipient.is_postmaster() {
+        // Postmaster at a local domain is accepted whatever the rules say
+        // (RFC 5321 §4.5.1).
+        let built_in = decide_recipient(relay, directory, session.client, recipient, false);
+        if built_in.rule == "postmaster" {
+            return built_in;
+        }
+    }
+    if !guarded && !rules.is_empty() {
+        let kind = classify(relay, directory, recipient);
+        let facts = Facts {
+            client,
+            helo: session.helo,
+            auth: session.auth,
+            tls: session.tls,
+            sender: session.sender,
+            recipient,
+            kind,
+        };
+        if let Some(rule) = rules.first_match(&facts) {
+            return rule_decision(relay, directory, recipient, rule);
+        }
+    }
+    decide_recipient(relay, directory, session.client, recipient, bare_postmaster)
+}
+
+/// The decision of a matching rule.
+fn rule_decision(
+    relay: &RelayConfig,
+    directory: DirectoryView<'_>,
+    recipient: &Address,
+    rule: &Rule,
+) -> Decision {
+    let reference = rule.reference();
+    match &rule.action {
+        RuleAction::Accept => Decision::accept(Route::Local, reference),
+        RuleAction::Reject(reply) | RuleAction::Tempfail(reply) => {
+            Decision::reject(reply.clone(), reference)
+        }
+        RuleAction::Relay { group } => {
+            let group = group
+                .clone()
+                .or_else(|| default_group(relay, directory, recipient));
+            match group {
+                Some(group) => Decision::accept(Route::Group(group), reference),
+                None => {
+                    tracing::error!(rule = %reference, recipient = %recipient.to_smtp(), "relay rule without a group matched a domain that has none, and no outbound_group is set");
+                    Decision::reject(Reply::no_group_for_recipient(), reference)
+                }
+            }
+        }
+    }
+}
+
+/// The group a recipient's domain relays to, else the outbound group.
+fn default_group(
+    relay: &RelayConfig,
+    directory: DirectoryView<'_>,
+    recipient: &Address,
+) -> Option<String> {
+    if let Domain::Name(name) = recipient.domain() {
+        if let Some(group) = relay.relay_domains.get(name) {
+            return Some(group.clone());
+        }
+        if let DirectoryView::Ready(snapshot) = directory
+            && let Some(group) = snapshot.domain(name).and_then(|e| e.legacy_group.clone())
+        {
+            return Some(group);
+        }
+    }
+    relay.outbound_group.clone()
+}
+
+/// What the configuration and the directory say about a recipient.
+pub fn classify(
+    relay: &RelayConfig,
+    directory: DirectoryView<'_>,
+    recipient: &Address,
+) -> RecipientKind {
+    let name = match recipient.domain() {
+        Domain::Literal(_) => return RecipientKind::Foreign,
+        Domain::Name(name) => name,
+    };
+    if let DirectoryView::Ready(snapshot) = directory
+        && let Some(entry) = snapshot.domain(name)
+    {
+        if entry.kind == DomainKind::Relay {
+            return RecipientKind::RelayDomain;
+        }
+        return match snapshot.lookup(&normalise_address(&recipient.to_smtp())) {
+            Lookup::Account { .. } => RecipientKind::LocalAccount,
+            Lookup::List { .. } => RecipientKind::List,
+            Lookup::Unknown { .. } | Lookup::NotInDirectory
+                if entry.kind == DomainKind::Migrating =>
+            {
+                RecipientKind::RelayDomain
+            }
+            Lookup::Unknown { .. } | Lookup::NotInDirectory => RecipientKind::UnknownLocal,
+        };
+    }
+    if relay.relay_domains.contains_key(name) {
+        return RecipientKind::RelayDomain;
+    }
+    match directory {
+        DirectoryView::Ready(_) if relay.local_domains.contains(name) => {
+            RecipientKind::UnknownLocal
+        }
+        DirectoryView::Ready(_) => RecipientKind::Foreign,
+        // A loading directory may still name the domain.
+        DirectoryView::Loading => RecipientKind::Unknown,
+        DirectoryView::Absent if relay.local_domains.contains(name) => RecipientKind::Unknown,
+        DirectoryView::Absent => RecipientKind::Foreign,
     }
 }
 

@@ -376,6 +376,25 @@ impl Reply {
 
     // --- Policy --------------------------------------------------------------
 
+    /// A reply written in a relay rule; the rule loader checks that the
+    /// basic and enhanced codes agree.
+    pub fn configured(code: u16, enhanced: Enhanced, text: &str) -> Reply {
+        Reply::new(code, enhanced, text)
+    }
+
+    /// Default reply of a `tempfail` rule.
+    pub fn rule_tempfail() -> Reply {
+        Reply::new(451, Enhanced(4, 7, 1), "Try again later")
+    }
+
+    pub fn no_group_for_recipient() -> Reply {
+        Reply::new(
+            451,
+            Enhanced(4, 3, 5),
+            "No downstream group is configured for this recipient, try again later",
+        )
+    }
+
     pub fn relay_denied() -> Reply {
         Reply::new(550, Enhanced(5, 7, 1), "Relay access denied")
     }
