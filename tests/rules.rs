@@ -454,3 +454,65 @@ async fn rule_reply_reaches_the_client() {
     client.expect("QUIT", 221).await;
     server.stop().await;
 }
+
+#[test]
+fn named_lists_block_networks_and_senders() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    let rules = directory.path().join("rules");
+    std::fs::create_dir_all(&rules).expect("rules directory");
+    std::fs::write(
+        directory.path().join("blocked.cidr"),
+        "# dial-up pools\n100.64.0.0/10\n100.64.1.0/24 allow   # a customer's mail server\n",
+    )
+    .expect("write");
+    std::fs::write(
+        directory.path().join("senders.txt"),
+        "@spam.example\nbad@example.org\n",
+    )
+    .expect("write");
+    std::fs::write(
+        rules.join("10-lists.yaml"),
+        "- name: dialup\n  client_list: [dialup]\n  action: reject\n  reply: \"554 5.7.1 Dynamic address\"\n\
+         - name: senders\n  sender_list: [senders]\n  action: reject\n",
+    )
+    .expect("write");
+    let config = format!(
+        "{CONFIG}lists:\n  - {{name: dialup, kind: networks, file: blocked.cidr}}\n  \
+         - {{name: senders, kind: addresses, file: senders.txt}}\n"
+    );
+    let path = directory.path().join("config.yaml");
+    std::fs::write(&path, config).expect("write config");
+    let config = Config::load(&path).expect("valid configuration");
+    let snapshot = snapshot();
+
+    for (client, sender, expected) in [
+        ("100.64.9.9", "a@example.org", "dialup"),
+        ("100.64.1.5", "a@example.org", "account[alice]"),
+        ("192.0.2.1", "x@spam.example", "senders"),
+        ("192.0.2.1", "BAD@example.org", "senders"),
+        ("192.0.2.1", "good@example.org", "account[alice]"),
+        ("192.0.2.1", "", "account[alice]"),
+    ] {
+        let session = SessionFacts {
+            client: client.parse().expect("client"),
+            helo: "client.example",
+            auth: None,
+            tls: false,
+            sender,
+        };
+        let recipient = Address::parse("alice@isp.example").expect("recipient");
+        let decision = decide(
+            &config.relay,
+            &config.rules,
+            DirectoryView::Ready(&snapshot),
+            &session,
+            &recipient,
+            false,
+        );
+        assert!(
+            decision.rule.ends_with(expected),
+            "{client} {sender}: decided by {}",
+            decision.rule
+        );
+    }
+}

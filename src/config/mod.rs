@@ -24,7 +24,8 @@ mod delivery;
 pub use delivery::{DeliveryConfig, TlsMode};
 
 use crate::policy::address::Domain;
-use crate::policy::rules::RuleSet;
+use crate::policy::lists::{AddressList, NetworkList, read_list_file};
+use crate::policy::rules::{Lists, RuleSet};
 use crate::queue::QueueConfig;
 
 /// One configuration problem: where it is and what is wrong.
@@ -221,6 +222,8 @@ struct RawConfig {
     hostname: Option<Text>,
     rules: Option<Text>,
     #[serde(default)]
+    lists: Vec<RawList>,
+    #[serde(default)]
     listeners: Vec<RawListener>,
     #[serde(default)]
     limits: RawLimits,
@@ -239,6 +242,14 @@ struct RawConfig {
     directory: RawDirectory,
     #[serde(default)]
     log: RawLog,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawList {
+    name: Text,
+    kind: Text,
+    file: Text,
 }
 
 #[derive(Deserialize, Default)]
@@ -525,8 +536,10 @@ impl Config {
             problems: Vec::new(),
         };
         let rules = raw.rules.clone();
+        let raw_lists = raw.lists.clone();
         let mut config = convert(raw, database_url, &mut checker);
-        load_rules(&mut config, rules.as_ref(), base, &mut checker);
+        let lists = load_lists(&raw_lists, base, &mut checker);
+        load_rules(&mut config, rules.as_ref(), base, &lists, &mut checker);
         if checker.problems.is_empty() {
             Ok(config)
         } else {
@@ -608,7 +621,68 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
 
 /// Reads the rules directory: the `rules` key, else `rules` beside the
 /// configuration file when that directory exists.
-fn load_rules(config: &mut Config, key: Option<&Text>, base: Option<&Path>, checker: &mut Checker) {
+/// Reads the named lists; relative files are taken from `base`.
+fn load_lists(raw: &[RawList], base: Option<&Path>, checker: &mut Checker) -> Lists {
+    let mut lists = Lists::default();
+    let mut names = HashSet::new();
+    for (index, entry) in raw.iter().enumerate() {
+        let path = format!("lists[{index}]");
+        let name = entry.name.value.trim().to_string();
+        if !names.insert(name.clone()) {
+            checker.problem(
+                format!("{path}.name"),
+                entry.name.referenced.line(),
+                format!("list {name:?} is defined twice"),
+            );
+            continue;
+        }
+        let file = base.unwrap_or(Path::new("")).join(&entry.file.value);
+        let text = match read_list_file(&file) {
+            Ok(text) => text,
+            Err(message) => {
+                checker.problem(
+                    format!("{path}.file"),
+                    entry.file.referenced.line(),
+                    message,
+                );
+                continue;
+            }
+        };
+        let report = |checker: &mut Checker, problems: Vec<(u64, String)>| {
+            for (line, message) in problems {
+                checker.problem(file.display().to_string(), line, message);
+            }
+        };
+        match entry.kind.value.trim() {
+            "networks" => match NetworkList::parse(&text) {
+                Ok(list) => {
+                    lists.networks.insert(name, std::sync::Arc::new(list));
+                }
+                Err(problems) => report(checker, problems),
+            },
+            "addresses" => match AddressList::parse(&text) {
+                Ok(list) => {
+                    lists.addresses.insert(name, std::sync::Arc::new(list));
+                }
+                Err(problems) => report(checker, problems),
+            },
+            other => checker.problem(
+                format!("{path}.kind"),
+                entry.kind.referenced.line(),
+                format!("unknown list kind {other:?}; use networks or addresses"),
+            ),
+        }
+    }
+    lists
+}
+
+fn load_rules(
+    config: &mut Config,
+    key: Option<&Text>,
+    base: Option<&Path>,
+    lists: &Lists,
+    checker: &mut Checker,
+) {
     let directory = match (key, base) {
         (Some(text), _) => {
             let path = base.unwrap_or(Path::new("")).join(&text.value);
@@ -632,7 +706,7 @@ fn load_rules(config: &mut Config, key: Option<&Text>, base: Option<&Path>, chec
         (None, None) => return,
     };
     let groups: HashSet<String> = config.groups.keys().cloned().collect();
-    match RuleSet::load(&directory, &groups) {
+    match RuleSet::load(&directory, &groups, lists) {
         Ok(rules) => config.rules = std::sync::Arc::new(rules),
         Err(problems) => {
             for problem in problems {

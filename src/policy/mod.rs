@@ -24,6 +24,7 @@
 //! Domains match exactly: a local domain does not cover its subdomains.
 
 pub mod address;
+pub mod lists;
 pub mod rules;
 
 use std::net::IpAddr;

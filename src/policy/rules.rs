@@ -17,7 +17,9 @@
 //!   reply: "550 5.7.1 Mail from this host is not accepted"
 //! ```
 //!
-//! Conditions: `client` (CIDRs), `auth` (`any`, `none`, or account names),
+//! Conditions: `client` (CIDRs), `client_list` (named network lists: the
+//! client matches when the list's most specific entry for it blocks it),
+//! `sender_list` (named address lists), `auth` (`any`, `none`, or account names),
 //! `helo` (patterns), `sender` and `recipient` (addresses, `@domain`,
 //! patterns, and `<>` for the null sender), `recipient_kind` (`local_account`,
 //! `list`, `unknown_local`, `relay_domain`, `foreign`), `tls` (true or false).
@@ -31,9 +33,10 @@
 //!
 //! Every problem is reported with its file and line, all at once.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use regex::Regex;
@@ -43,6 +46,14 @@ use serde_saphyr::Spanned;
 use crate::smtp::reply::{Enhanced, Reply};
 
 use super::address::Address;
+use super::lists::{AddressList, NetworkList};
+
+/// Named lists that rules may refer to.
+#[derive(Clone, Debug, Default)]
+pub struct Lists {
+    pub networks: HashMap<String, Arc<NetworkList>>,
+    pub addresses: HashMap<String, Arc<AddressList>>,
+}
 
 /// What the directory and configuration say about a recipient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,6 +131,8 @@ pub struct Rule {
     pub name: String,
     pub source: RuleSource,
     client: Option<Vec<IpNet>>,
+    client_list: Option<Vec<Arc<NetworkList>>>,
+    sender_list: Option<Vec<Arc<AddressList>>>,
     auth: Option<AuthMatch>,
     helo: Option<Vec<Regex>>,
     sender: Option<Vec<AddressMatch>>,
@@ -143,6 +156,16 @@ impl Rule {
     fn matches(&self, facts: &Facts<'_>) -> bool {
         if let Some(networks) = &self.client
             && !networks.iter().any(|net| net.contains(&facts.client))
+        {
+            return false;
+        }
+        if let Some(lists) = &self.client_list
+            && !lists.iter().any(|list| list.blocks(facts.client))
+        {
+            return false;
+        }
+        if let Some(lists) = &self.sender_list
+            && (facts.sender.is_empty() || !lists.iter().any(|list| list.contains(facts.sender)))
         {
             return false;
         }
@@ -251,6 +274,8 @@ type Text = Spanned<String>;
 struct RawRule {
     name: Text,
     client: Option<Vec<Text>>,
+    client_list: Option<Vec<Text>>,
+    sender_list: Option<Vec<Text>>,
     auth: Option<Vec<Text>>,
     helo: Option<Vec<Text>>,
     sender: Option<Vec<Text>>,
@@ -283,7 +308,11 @@ impl RuleSet {
 
     /// Reads every `*.yaml` and `*.yml` file of `directory` in name order.
     /// `groups` are the configured downstream groups a `relay` rule may name.
-    pub fn load(directory: &Path, groups: &HashSet<String>) -> Result<RuleSet, Vec<RuleProblem>> {
+    pub fn load(
+        directory: &Path,
+        groups: &HashSet<String>,
+        lists: &Lists,
+    ) -> Result<RuleSet, Vec<RuleProblem>> {
         let mut problems = Vec::new();
         let entries = std::fs::read_dir(directory).map_err(|error| {
             vec![RuleProblem {
@@ -317,7 +346,7 @@ impl RuleSet {
                     continue;
                 }
             };
-            set.parse_file(file, &text, groups, &mut names, &mut problems);
+            set.parse_file(file, &text, groups, lists, &mut names, &mut problems);
         }
         set.files = files;
         if problems.is_empty() {
@@ -332,10 +361,18 @@ impl RuleSet {
         file: &Path,
         text: &str,
         groups: &HashSet<String>,
+        lists: &Lists,
     ) -> Result<RuleSet, Vec<RuleProblem>> {
         let mut set = RuleSet::default();
         let mut problems = Vec::new();
-        set.parse_file(file, text, groups, &mut HashSet::new(), &mut problems);
+        set.parse_file(
+            file,
+            text,
+            groups,
+            lists,
+            &mut HashSet::new(),
+            &mut problems,
+        );
         set.files.push(file.to_path_buf());
         if problems.is_empty() {
             Ok(set)
@@ -349,6 +386,7 @@ impl RuleSet {
         file: &Path,
         text: &str,
         groups: &HashSet<String>,
+        lists: &Lists,
         names: &mut HashSet<String>,
         problems: &mut Vec<RuleProblem>,
     ) {
@@ -381,7 +419,7 @@ impl RuleSet {
                     message,
                 })
             };
-            if let Some(rule) = convert(file, raw_rule, groups, &mut report) {
+            if let Some(rule) = convert(file, raw_rule, groups, lists, &mut report) {
                 if !names.insert(rule.name.clone()) {
                     report(
                         rule.source.line,
@@ -398,6 +436,7 @@ fn convert(
     file: &Path,
     raw: RawRule,
     groups: &HashSet<String>,
+    lists: &Lists,
     report: &mut impl FnMut(u64, String),
 ) -> Option<Rule> {
     let line = raw.name.referenced.line();
@@ -427,6 +466,45 @@ fn convert(
                         ok = false;
                         None
                     }
+                }
+            })
+            .collect()
+    });
+
+    let client_list = raw.client_list.map(|names| {
+        names
+            .iter()
+            .filter_map(|name| match lists.networks.get(name.value.trim()) {
+                Some(list) => Some(Arc::clone(list)),
+                None => {
+                    report(
+                        name.referenced.line(),
+                        format!(
+                            "unknown network list {:?}; define it under lists with kind networks",
+                            name.value
+                        ),
+                    );
+                    ok = false;
+                    None
+                }
+            })
+            .collect()
+    });
+    let sender_list = raw.sender_list.map(|names| {
+        names
+            .iter()
+            .filter_map(|name| match lists.addresses.get(name.value.trim()) {
+                Some(list) => Some(Arc::clone(list)),
+                None => {
+                    report(
+                        name.referenced.line(),
+                        format!(
+                            "unknown address list {:?}; define it under lists with kind addresses",
+                            name.value
+                        ),
+                    );
+                    ok = false;
+                    None
                 }
             })
             .collect()
@@ -565,6 +643,8 @@ fn convert(
             line,
         },
         client,
+        client_list,
+        sender_list,
         auth,
         helo,
         sender,
