@@ -71,6 +71,9 @@ pub enum Command {
 
 /// Runs the parsed command line and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    if !matches!(cli.command, Command::Serve { .. }) {
+        restore_sigpipe();
+    }
     match cli.command {
         Command::Check => check(&cli.config),
         Command::Serve { roles } => {
@@ -183,4 +186,17 @@ fn init_logging(config: &Config) {
     };
     // A subscriber set already (in tests) is fine.
     let _ = result;
+}
+
+/// Lets a command that prints into a pipe end quietly when the reader goes
+/// away (`wsmtp queue list | head`), as Unix tools do. Rust programs start
+/// with SIGPIPE ignored, which turns that into a panic in `println!`. The
+/// server keeps SIGPIPE ignored, so a client that disconnects is an error
+/// on its socket rather than the end of the process.
+fn restore_sigpipe() {
+    // SAFETY: setting a signal disposition to the default has no
+    // preconditions, and no other thread runs yet.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }

@@ -368,22 +368,7 @@ async fn retry(queue: &Queue, args: TargetArgs) -> anyhow::Result<()> {
             outcome.held_messages
         );
     }
-    for destination in &outcome.blocked_destinations {
-        if destination.held {
-            println!(
-                "note: destination {} is held; `wsmtp queue release --destination {}` delivers to it",
-                destination.name, destination.name
-            );
-        } else {
-            println!(
-                "note: destination {} waits until {} after {} failure(s); `wsmtp queue retry --destination {}` resets it",
-                destination.name,
-                format_time(destination.next_attempt_at),
-                destination.failures,
-                destination.name
-            );
-        }
-    }
+    print_blocked_destinations(&outcome.blocked_destinations);
     Ok(())
 }
 
@@ -425,7 +410,29 @@ async fn release(queue: &Queue, args: TargetArgs) -> anyhow::Result<()> {
         println!("released destination {name}");
     }
     println!("made {} delivery(ies) due now", outcome.deliveries);
+    print_blocked_destinations(&outcome.blocked_destinations);
     Ok(())
+}
+
+/// Notes destinations that keep deliveries waiting after a retry or
+/// release.
+fn print_blocked_destinations(destinations: &[crate::queue::DestinationState]) {
+    for destination in destinations {
+        if destination.held {
+            println!(
+                "note: destination {} is held; `wsmtp queue release --destination {}` delivers to it",
+                destination.name, destination.name
+            );
+        } else {
+            println!(
+                "note: destination {} waits until {} after {} failure(s); `wsmtp queue retry --destination {}` resets it",
+                destination.name,
+                format_time(destination.next_attempt_at),
+                destination.failures,
+                destination.name
+            );
+        }
+    }
 }
 
 async fn delete(queue: &Queue, ids: &[String]) -> anyhow::Result<()> {

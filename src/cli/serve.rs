@@ -88,12 +88,15 @@ pub async fn start(
         }
         _ => None,
     };
+    // Cancelled once the queue's migrations are applied.
+    let queue_ready = CancellationToken::new();
     if let (Some(queue), Some(directory), Some(settings)) = (&queue, &directory, &config.queue) {
         tokio::spawn(maintain_queue(
             queue.clone(),
             Arc::clone(directory),
             config.clone(),
             settings.janitor_interval,
+            queue_ready.clone(),
             shutdown.clone(),
         ));
     }
@@ -115,7 +118,9 @@ pub async fn start(
         tasks.push(tokio::spawn(Arc::clone(router).run(shutdown.clone())));
     }
     if let Some(delivery) = &delivery {
-        tasks.push(tokio::spawn(Arc::clone(delivery).run(shutdown.clone())));
+        tasks.push(tokio::spawn(
+            Arc::clone(delivery).run_when(queue_ready.clone(), shutdown.clone()),
+        ));
     }
     let handle = tokio::spawn(async move {
         for task in tasks {
@@ -170,6 +175,7 @@ async fn maintain_queue(
     directory: Arc<Directory>,
     config: Config,
     janitor_interval: std::time::Duration,
+    ready: CancellationToken,
     shutdown: CancellationToken,
 ) {
     loop {
@@ -178,7 +184,10 @@ async fn maintain_queue(
             Err(error) => Err(anyhow::Error::from(error)),
         };
         match result {
-            Ok(()) => break,
+            Ok(()) => {
+                ready.cancel();
+                break;
+            }
             Err(error) => {
                 tracing::error!(error = %format!("{error:#}"), retry_seconds = MIGRATION_RETRY.as_secs(), "queue migration failed; spooling fails until it succeeds");
             }

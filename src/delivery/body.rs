@@ -29,7 +29,7 @@ impl StoredBody {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
-    #[error("queue database unavailable: {0}")]
+    #[error("queue database unavailable: {}", crate::queue::describe_pool_error(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("queue database error: {}", crate::queue::describe_database_error(.0))]
     Database(#[from] tokio_postgres::Error),

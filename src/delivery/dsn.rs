@@ -324,10 +324,18 @@ fn delivery_status(report: &DsnReport<'_>, host: &str) -> String {
             );
         }
         if let Some(diagnostic) = &recipient.diagnostic {
+            // "smtp" marks a reply from the remote server; a reason of our
+            // own (routing, expiry before any reply, the operator) gets a
+            // private type (RFC 3464 §2.3.6 allows X- types).
+            let kind = if recipient.remote_mta.is_some() {
+                "smtp"
+            } else {
+                "X-wsmtp"
+            };
             push_field(
                 &mut out,
                 "Diagnostic-Code",
-                &format!("smtp; {}", ascii_text(diagnostic)),
+                &format!("{kind}; {}", ascii_text(diagnostic)),
             );
         }
         if let Some(date) = recipient.last_attempt.and_then(format_date) {
@@ -406,15 +414,15 @@ fn push_recipient_text(out: &mut String, recipient: &DsnRecipient) {
         "",
     );
     if let Some(diagnostic) = &recipient.diagnostic {
-        let server = recipient
-            .remote_mta
-            .as_deref()
-            .map_or_else(|| "The server".to_owned(), display_text);
-        push_wrapped(
-            out,
-            &format!("{server} replied: {}", display_text(diagnostic)),
-            "    ",
-        );
+        let text = match recipient.remote_mta.as_deref() {
+            Some(server) => format!(
+                "{} replied: {}",
+                display_text(server),
+                display_text(diagnostic)
+            ),
+            None => format!("Reason: {}", display_text(diagnostic)),
+        };
+        push_wrapped(out, &text, "    ");
     }
     if recipient.action == DsnAction::Delayed
         && let Some(until) = recipient.will_retry_until.and_then(format_date)

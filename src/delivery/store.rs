@@ -27,7 +27,7 @@ use super::transport::Outcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("queue database unavailable: {0}")]
+    #[error("queue database unavailable: {}", crate::queue::describe_pool_error(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("queue database error: {}", crate::queue::describe_database_error(.0))]
     Database(#[from] tokio_postgres::Error),

@@ -118,6 +118,15 @@ impl DeliveryWorkers {
         Arc::clone(&self.wake)
     }
 
+    /// Waits for `ready` (the queue's migrations, for instance), then runs
+    /// like [`DeliveryWorkers::run`].
+    pub async fn run_when(self: Arc<Self>, ready: CancellationToken, shutdown: CancellationToken) {
+        tokio::select! {
+            () = ready.cancelled() => self.run(shutdown).await,
+            () = shutdown.cancelled() => {}
+        }
+    }
+
     /// Runs the scheduler until `shutdown`; open sessions finish their
     /// current transaction first.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {

@@ -127,6 +127,9 @@ pub struct ReleaseOutcome {
     pub deliveries: u64,
     /// Given queue ids that are not in the queue.
     pub missing: Vec<QueueId>,
+    /// Destinations of the released messages that still wait: held, or
+    /// backed off after failed connections.
+    pub blocked_destinations: Vec<DestinationState>,
 }
 
 /// Result of [`Queue::delete`].
@@ -406,6 +409,11 @@ impl Queue {
                 drop(client);
                 outcome.messages = released.len() as u64;
                 outcome.deliveries = self.make_message_deliveries_due(released).await?;
+                let scope = Scope {
+                    messages: Some(found),
+                    destinations: None,
+                };
+                outcome.blocked_destinations = self.blocked_destinations(&scope).await?;
             }
             Target::Destination(name) => {
                 let names = destination_names(name)?;

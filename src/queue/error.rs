@@ -210,3 +210,12 @@ pub fn describe_database_error(error: &tokio_postgres::Error) -> String {
         None => error.to_string(),
     }
 }
+
+/// A pool error with the database's own message when there is one: the
+/// pool's `Display` says only "db error" for a failed connection.
+pub fn describe_pool_error(error: &deadpool_postgres::PoolError) -> String {
+    match error {
+        deadpool_postgres::PoolError::Backend(source) => describe_database_error(source),
+        other => other.to_string(),
+    }
+}

@@ -65,7 +65,7 @@ pub use admin::{
     DestinationState, DestinationStats, HoldOutcome, QueueStats, ReleaseOutcome, RetryOutcome,
     Target, destination_names,
 };
-pub use error::{QueueError, describe_database_error};
+pub use error::{QueueError, describe_database_error, describe_pool_error};
 pub use generated::insert_generated;
 pub use inspect::{
     AddressPattern, DeliveryDetail, DeliveryLease, ListFilter, ListState, MessageDetail,
