@@ -11,7 +11,7 @@
 //! `DATABASE_URL`, when set, overrides `queue.url`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -109,6 +109,25 @@ pub struct RouterConfig {
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// PROXY protocol from load balancers; without it every peer is the client.
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+}
+
+/// Load balancers whose connections open with a PROXY protocol header.
+#[derive(Clone, Debug)]
+pub struct ProxyProtocolConfig {
+    /// Peers that must send the header; other peers are clients themselves.
+    pub trusted: Vec<IpNet>,
+    /// Time a trusted peer has to send the whole header.
+    pub timeout: Duration,
+}
+
+impl ProxyProtocolConfig {
+    /// True when connections from `peer` must start with a PROXY header.
+    pub fn trusts(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.trusted.iter().any(|network| network.contains(&peer))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -274,6 +293,15 @@ struct RawDirectory {
 struct RawListener {
     address: Text,
     tls: Option<RawTls>,
+    proxy_protocol: Option<Spanned<RawProxyProtocol>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxyProtocol {
+    #[serde(default)]
+    trusted: Vec<Text>,
+    timeout: Option<Text>,
 }
 
 #[derive(Deserialize)]
@@ -782,9 +810,66 @@ fn convert_listeners(raw: &[RawListener], checker: &mut Checker) -> Vec<Listener
                 key: PathBuf::from(&tls.key.value),
             }
         });
-        listeners.push(ListenerConfig { address, tls });
+        let proxy_protocol = listener
+            .proxy_protocol
+            .as_ref()
+            .map(|raw| convert_proxy_protocol(index, raw, checker));
+        listeners.push(ListenerConfig {
+            address,
+            tls,
+            proxy_protocol,
+        });
     }
     listeners
+}
+
+fn convert_proxy_protocol(
+    index: usize,
+    raw: &Spanned<RawProxyProtocol>,
+    checker: &mut Checker,
+) -> ProxyProtocolConfig {
+    let path = format!("listeners[{index}].proxy_protocol");
+    if raw.value.trusted.is_empty() {
+        checker.problem(
+            format!("{path}.trusted"),
+            raw.referenced.line(),
+            "list the load balancers' networks, or remove proxy_protocol",
+        );
+    }
+    let mut trusted = Vec::new();
+    for (network_index, network) in raw.value.trusted.iter().enumerate() {
+        match parse_network(&network.value) {
+            Some(net) => trusted.push(net),
+            None => checker.problem(
+                format!("{path}.trusted[{network_index}]"),
+                network.referenced.line(),
+                format!(
+                    "invalid network {:?}; write CIDR notation, e.g. 192.0.2.0/24",
+                    network.value.trim()
+                ),
+            ),
+        }
+    }
+    ProxyProtocolConfig {
+        trusted,
+        timeout: checker.duration(
+            &format!("{path}.timeout"),
+            &raw.value.timeout,
+            Duration::from_secs(5),
+            Duration::from_millis(100),
+            Duration::from_secs(300),
+        ),
+    }
+}
+
+/// Parses a network in CIDR notation, or a bare address as a one-address
+/// network; host bits are cleared.
+fn parse_network(text: &str) -> Option<IpNet> {
+    let text = text.trim();
+    let parsed = text
+        .parse::<IpNet>()
+        .or_else(|_| text.parse::<IpAddr>().map(IpNet::from));
+    parsed.ok().map(|net| net.trunc())
 }
 
 fn convert_limits(raw: &RawLimits, checker: &mut Checker) -> Limits {
@@ -1008,16 +1093,15 @@ fn convert_relay(
         relay.relay_domains.insert(name, entry.group.value.clone());
     }
     for (index, network) in raw.relay_networks.iter().enumerate() {
-        let text = network.value.trim();
-        let parsed = text
-            .parse::<IpNet>()
-            .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
-        match parsed {
-            Ok(net) => relay.relay_networks.push(net.trunc()),
-            Err(_) => checker.problem(
+        match parse_network(&network.value) {
+            Some(net) => relay.relay_networks.push(net),
+            None => checker.problem(
                 format!("relay.relay_networks[{index}]"),
                 network.referenced.line(),
-                format!("invalid network {text:?}; write CIDR notation, e.g. 192.0.2.0/24"),
+                format!(
+                    "invalid network {:?}; write CIDR notation, e.g. 192.0.2.0/24",
+                    network.value.trim()
+                ),
             ),
         }
     }
@@ -1183,6 +1267,60 @@ relay:
             "{}",
             problems[0].message
         );
+    }
+
+    #[test]
+    fn proxy_protocol_is_read_per_listener() {
+        let text = "\
+listeners:
+  - address: 127.0.0.1:2525
+    proxy_protocol:
+      trusted: [10.1.0.0/16, 192.0.2.7, '2001:db8::/32']
+  - address: 127.0.0.1:2526
+";
+        let config = Config::parse(text, None).expect("valid");
+        let settings = config.listeners[0]
+            .proxy_protocol
+            .as_ref()
+            .expect("first listener has proxy_protocol");
+        assert_eq!(settings.timeout, Duration::from_secs(5));
+        assert_eq!(settings.trusted.len(), 3);
+        assert!(settings.trusts("10.1.200.3".parse().expect("ip")));
+        assert!(settings.trusts("::ffff:192.0.2.7".parse().expect("ip")));
+        assert!(settings.trusts("2001:db8::1".parse().expect("ip")));
+        assert!(!settings.trusts("192.0.2.8".parse().expect("ip")));
+        assert!(config.listeners[1].proxy_protocol.is_none());
+    }
+
+    #[test]
+    fn proxy_protocol_problems_have_lines() {
+        let text = "\
+listeners:
+  - address: 127.0.0.1:2525
+    proxy_protocol:
+      trusted:
+        - 10.0.0.0/8
+        - 10.0.0.0/99
+        - balancer.example
+      timeout: 10m
+  - address: 127.0.0.1:2526
+    proxy_protocol: {trusted: []}
+";
+        let problems = Config::parse(text, None).expect_err("config is invalid");
+        let summary: Vec<(String, u64)> =
+            problems.iter().map(|p| (p.path.clone(), p.line)).collect();
+        for expected in [
+            ("listeners[0].proxy_protocol.trusted[1]", 6),
+            ("listeners[0].proxy_protocol.trusted[2]", 7),
+            ("listeners[0].proxy_protocol.timeout", 8),
+            ("listeners[1].proxy_protocol.trusted", 10),
+        ] {
+            assert!(
+                summary.contains(&(expected.0.to_string(), expected.1)),
+                "missing {expected:?} in {summary:?}"
+            );
+        }
+        assert_eq!(problems.len(), 4, "{problems:?}");
     }
 
     #[test]

@@ -4,11 +4,16 @@
 //!
 //! Limits: a total connection cap and a per-client-IP cap; a client over
 //! either gets `421 4.7.0` and is closed before any command is read.
+//! PROXY protocol: the header of a trusted load balancer's connection is read
+//! in the connection's own task. The client it names is the one counted and
+//! served, and a balancer that sends no valid header is closed without a
+//! greeting.
 //! Shutdown: when the token is cancelled the listener stops accepting, idle
 //! sessions get 421 and close, and sessions in a transaction may finish
 //! within `timeouts.shutdown_grace`; those still open then are cut off.
 
 pub mod intake;
+pub mod proxy_protocol;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -23,7 +28,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::TlsFiles;
+use crate::config::{ProxyProtocolConfig, TlsFiles};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Session, SessionConfig};
 use intake::{Intake, Shared};
@@ -85,9 +90,16 @@ impl Drop for ConnectionSlot {
     }
 }
 
+/// A bound socket with the settings of its listener.
+struct BoundListener {
+    socket: TcpListener,
+    session_config: Arc<SessionConfig>,
+    proxy_protocol: Option<ProxyProtocolConfig>,
+}
+
 /// A bound listener, ready to serve.
 pub struct Server {
-    sockets: Vec<(TcpListener, Arc<SessionConfig>)>,
+    sockets: Vec<BoundListener>,
     shared: Arc<Shared>,
     limits: Arc<ConnectionLimits>,
     grace: std::time::Duration,
@@ -112,7 +124,11 @@ impl Server {
             let socket = TcpListener::bind(listener.address)
                 .await
                 .with_context(|| format!("cannot listen on {}", listener.address))?;
-            sockets.push((socket, session_config));
+            sockets.push(BoundListener {
+                socket,
+                session_config,
+                proxy_protocol: listener.proxy_protocol.clone(),
+            });
         }
         let limits = Arc::new(ConnectionLimits {
             max_total: config.limits.max_connections,
@@ -132,7 +148,7 @@ impl Server {
     pub fn local_addresses(&self) -> Vec<SocketAddr> {
         self.sockets
             .iter()
-            .filter_map(|(socket, _)| socket.local_addr().ok())
+            .filter_map(|bound| bound.socket.local_addr().ok())
             .collect()
     }
 
@@ -140,19 +156,29 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let sessions = CancellationToken::new();
-        for (socket, session_config) in self.sockets {
-            let address = socket
+        for bound in self.sockets {
+            let address = bound
+                .socket
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            tracing::info!(address = %address, tls = session_config.tls.is_some(), "listening");
+            tracing::info!(
+                address = %address,
+                tls = bound.session_config.tls.is_some(),
+                proxy_protocol = bound.proxy_protocol.is_some(),
+                "listening"
+            );
+            let context = Arc::new(ListenerContext {
+                session_config: bound.session_config,
+                proxy_protocol: bound.proxy_protocol,
+                shared: Arc::clone(&self.shared),
+                limits: Arc::clone(&self.limits),
+                sessions: sessions.clone(),
+            });
             tracker.spawn(accept_loop(
-                socket,
-                session_config,
-                Arc::clone(&self.shared),
-                Arc::clone(&self.limits),
+                bound.socket,
+                context,
                 shutdown.clone(),
-                sessions.clone(),
                 tracker.clone(),
             ));
         }
@@ -175,13 +201,88 @@ impl Server {
     }
 }
 
-async fn accept_loop(
-    socket: TcpListener,
+/// Settings and shared state for the connections of one listener.
+struct ListenerContext {
     session_config: Arc<SessionConfig>,
+    proxy_protocol: Option<ProxyProtocolConfig>,
     shared: Arc<Shared>,
     limits: Arc<ConnectionLimits>,
-    shutdown: CancellationToken,
+    /// Cancelled at shutdown: idle sessions close.
     sessions: CancellationToken,
+}
+
+impl ListenerContext {
+    /// Counts the connection against the limits for `client` and builds its
+    /// session. Over a limit the connection gets 421 from a task of its own
+    /// and `None` is returned.
+    fn admit(
+        &self,
+        stream: TcpStream,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Option<(Session<Intake>, ConnectionSlot)> {
+        let slot = match self.limits.acquire(client.ip()) {
+            Ok(slot) => slot,
+            Err(reply) => {
+                tracing::info!(client = %client.ip(), reply = %reply.summary(), "connection refused by limit");
+                tokio::spawn(refuse(stream, reply));
+                return None;
+            }
+        };
+        let session = Session::new(
+            Arc::clone(&self.session_config),
+            stream,
+            client,
+            local,
+            Intake::new(Arc::clone(&self.shared)),
+            self.sessions.clone(),
+        );
+        Some((session, slot))
+    }
+
+    /// Reads the PROXY header of a trusted load balancer's connection, then
+    /// serves the client it names. A missing or invalid header closes the
+    /// connection without a greeting.
+    async fn serve_proxied(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        timeout: std::time::Duration,
+    ) {
+        let header = tokio::select! {
+            header = proxy_protocol::read_header(&mut stream, timeout) => header,
+            () = self.sessions.cancelled() => return,
+        };
+        let client = match header {
+            Ok(proxy_protocol::Source::Client(client)) => {
+                tracing::debug!(peer = %peer, client = %client, "PROXY header read");
+                client
+            }
+            Ok(proxy_protocol::Source::Peer) => {
+                tracing::debug!(peer = %peer, "PROXY header without a client address");
+                peer
+            }
+            // A TCP health check connects and closes without sending anything.
+            Err(proxy_protocol::HeaderError::Closed { received: 0 }) => {
+                tracing::debug!(peer = %peer, "load balancer closed the connection before a PROXY header");
+                return;
+            }
+            Err(error) => {
+                tracing::warn!(peer = %peer, error = %error, "PROXY header missing or invalid; connection closed");
+                return;
+            }
+        };
+        if let Some((session, _slot)) = self.admit(stream, client, local) {
+            session.run().await;
+        }
+    }
+}
+
+async fn accept_loop(
+    socket: TcpListener,
+    context: Arc<ListenerContext>,
+    shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
     loop {
@@ -199,27 +300,27 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
-        let slot = match limits.acquire(peer.ip()) {
-            Ok(slot) => slot,
-            Err(reply) => {
-                tracing::info!(client = %peer.ip(), reply = %reply.summary(), "connection refused by limit");
-                tokio::spawn(refuse(stream, reply));
-                continue;
-            }
-        };
         let local = stream.local_addr().unwrap_or(peer);
-        let session = Session::new(
-            Arc::clone(&session_config),
-            stream,
-            peer,
-            local,
-            Intake::new(Arc::clone(&shared)),
-            sessions.clone(),
-        );
-        tracker.spawn(async move {
-            let _slot = slot;
-            session.run().await;
-        });
+        let proxy_timeout = context
+            .proxy_protocol
+            .as_ref()
+            .filter(|settings| settings.trusts(peer.ip()))
+            .map(|settings| settings.timeout);
+        if let Some(timeout) = proxy_timeout {
+            // The header is read in the connection's task, so a slow balancer
+            // never holds up the accept loop; the limits are applied after it.
+            let context = Arc::clone(&context);
+            tracker.spawn(async move {
+                context.serve_proxied(stream, peer, local, timeout).await;
+            });
+            continue;
+        }
+        if let Some((session, slot)) = context.admit(stream, peer, local) {
+            tracker.spawn(async move {
+                let _slot = slot;
+                session.run().await;
+            });
+        }
     }
 }
 
