@@ -752,7 +752,7 @@ fn load_rules(
 fn convert_router(raw: &RawRouter, checker: &mut Checker) -> RouterConfig {
     let hour = Duration::from_secs(3600);
     RouterConfig {
-        workers: checker.bounded("router.workers", &raw.workers, 2, 1, 256) as usize,
+        workers: checker.bounded("router.workers", &raw.workers, 8, 1, 256) as usize,
         claim_messages: checker.bounded("router.claim_messages", &raw.claim_messages, 16, 1, 10_000)
             as usize,
         lease: checker.duration(

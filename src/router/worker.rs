@@ -251,12 +251,17 @@ impl Router {
         client: &deadpool_postgres::Object,
         message_id: QueueId,
     ) -> Result<StoredFacts, RouterError> {
-        let row = client
-            .query_one(
-                "SELECT sender, size, smtputf8 FROM messages WHERE id = $1",
-                &[&message_id],
+        // Prepared once per pooled connection: a plain query string costs a
+        // round trip to prepare it every time.
+        let facts = client
+            .prepare_cached("SELECT sender, size, smtputf8 FROM messages WHERE id = $1")
+            .await?;
+        let chunk = client
+            .prepare_cached(
+                "SELECT substring(data FROM 1 FOR $3) FROM message_chunks WHERE message_id = $1 AND seq = $2",
             )
             .await?;
+        let row = client.query_one(&facts, &[&message_id]).await?;
         let sender: String = row.get(0);
         let size: Option<i64> = row.get(1);
         let smtputf8: bool = row.get(2);
@@ -265,8 +270,12 @@ impl Router {
         while headers.len() < MAX_HEADER_BYTES {
             let Some(row) = client
                 .query_opt(
-                    "SELECT substring(data FROM 1 FOR $3) FROM message_chunks WHERE message_id = $1 AND seq = $2",
-                    &[&message_id, &seq, &((MAX_HEADER_BYTES - headers.len()) as i32)],
+                    &chunk,
+                    &[
+                        &message_id,
+                        &seq,
+                        &((MAX_HEADER_BYTES - headers.len()) as i32),
+                    ],
                 )
                 .await?
             else {
