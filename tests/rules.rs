@@ -12,6 +12,7 @@ use common::sink::Sink;
 use wsmtp::config::Config;
 use wsmtp::directory::{Account, DomainEntry, DomainKind, List, Owner, Snapshot};
 use wsmtp::policy::address::Address;
+use wsmtp::policy::dnsbl::DnsblResults;
 use wsmtp::policy::{Action, DirectoryView, Route, SessionFacts, decide};
 
 const CONFIG: &str = "\
@@ -306,6 +307,7 @@ fn rules_decide_each_case() {
             auth: case.auth,
             tls: case.tls,
             sender: case.sender,
+            dnsbl: DnsblResults::none(),
         };
         let recipient = Address::parse(case.recipient).expect("recipient");
         let decision = decide(
@@ -499,6 +501,7 @@ fn named_lists_block_networks_and_senders() {
             auth: None,
             tls: false,
             sender,
+            dnsbl: DnsblResults::none(),
         };
         let recipient = Address::parse("alice@isp.example").expect("recipient");
         let decision = decide(

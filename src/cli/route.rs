@@ -1,6 +1,7 @@
 //! `wsmtp route`: prints, without sending anything, what wsmtp would do with
 //! each recipient of a transaction, and which rule or directory entry
-//! decided it.
+//! decided it. DNS blocklists that rules name are queried like in a live
+//! session, and their results printed.
 
 use std::net::IpAddr;
 
@@ -9,6 +10,7 @@ use clap::Args;
 use crate::config::Config;
 use crate::directory::{Snapshot, load_snapshot, normalise_address};
 use crate::policy::address::Address;
+use crate::policy::dnsbl::{Blocklists, DnsblResults, Listing, OnError};
 use crate::policy::{self, Action, DirectoryView, Route, SessionFacts, classify};
 use crate::router::resolve::{
     ConfiguredRoutes, EnvelopeRecipient, MessageFacts, ResolveLimits, resolve_message,
@@ -47,13 +49,6 @@ pub async fn run(config: Config, args: RouteArgs) -> anyhow::Result<()> {
         .trim_start_matches('<')
         .trim_end_matches('>')
         .to_string();
-    let session = SessionFacts {
-        client: args.client,
-        helo: &args.helo,
-        auth: args.auth.as_deref(),
-        tls: args.tls,
-        sender: &sender,
-    };
     if let Some(directory) = &config.rules_directory {
         println!(
             "rules: {} rule(s) from {}",
@@ -61,6 +56,15 @@ pub async fn run(config: Config, args: RouteArgs) -> anyhow::Result<()> {
             directory.display()
         );
     }
+    let dnsbl = check_blocklists(&config, args.client, &sender).await?;
+    let session = SessionFacts {
+        client: args.client,
+        helo: &args.helo,
+        auth: args.auth.as_deref(),
+        tls: args.tls,
+        sender: &sender,
+        dnsbl: &dnsbl,
+    };
     for text in &args.recipients {
         println!("{text}");
         let address = match Address::parse(text.trim_start_matches('<').trim_end_matches('>')) {
@@ -101,6 +105,61 @@ pub async fn run(config: Config, args: RouteArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Looks the client and the sender domain up in the zones that rules name,
+/// as a live session does, and prints each result.
+async fn check_blocklists(
+    config: &Config,
+    client: IpAddr,
+    sender: &str,
+) -> anyhow::Result<DnsblResults> {
+    let mut results = DnsblResults::new();
+    let Some(blocklists) = Blocklists::from_config(config)? else {
+        return Ok(results);
+    };
+    if blocklists.has_ip_zones() {
+        let listings = blocklists.check_client(client).await;
+        print_listings(config, "dnsbl", &client.to_string(), &listings);
+        results.extend(listings);
+    }
+    if blocklists.has_domain_zones() {
+        match sender.rsplit_once('@') {
+            Some((_, domain)) => {
+                let listings = blocklists.check_domain(domain).await;
+                print_listings(config, "rhsbl", domain, &listings);
+                results.extend(listings);
+            }
+            None => println!("rhsbl: not looked up for the null sender"),
+        }
+    }
+    Ok(results)
+}
+
+fn print_listings(config: &Config, condition: &str, subject: &str, listings: &[(String, Listing)]) {
+    for (zone, listing) in listings {
+        let on_error = config
+            .dnsbl
+            .iter()
+            .find(|configured| &configured.zone == zone)
+            .map_or(OnError::Ignore, |configured| configured.on_error);
+        let outcome = match listing {
+            Listing::Listed {
+                reason: Some(reason),
+            } => format!("listed: {reason}"),
+            Listing::Listed { reason: None } => "listed, without a TXT reason".to_string(),
+            Listing::NotListed => "not listed".to_string(),
+            Listing::Failed(error) => match on_error {
+                OnError::Ignore => {
+                    format!("lookup failed ({error}); counts as not listed (on_error: ignore)")
+                }
+                OnError::Tempfail => format!(
+                    "lookup failed ({error}); rules naming it tempfail (on_error: tempfail)"
+                ),
+            },
+        };
+        println!("{condition}: {subject} in {zone}: {outcome}");
+    }
 }
 
 /// Loads the directory from the queue database, or explains why not.

@@ -13,6 +13,7 @@ use crate::delivery::worker::DeliveryWorkers;
 use crate::directory::{self, Directory};
 use crate::listener::Server;
 use crate::listener::intake::Shared;
+use crate::policy::dnsbl::Blocklists;
 use crate::queue::Queue;
 use crate::router::worker::{Router, RouterSettings};
 
@@ -104,11 +105,13 @@ pub async fn start(
     let mut tasks = Vec::new();
     let mut addresses = Vec::new();
     if wants_listener {
+        let blocklists = Blocklists::from_config(&config)?.map(Arc::new);
         let shared = Arc::new(Shared {
             config: Arc::new(config),
             queue,
             directory: directory.clone(),
             router_wake: router.as_ref().map(|r| r.wake_handle()),
+            blocklists,
         });
         let server = Server::bind(shared).await?;
         addresses = server.local_addresses();

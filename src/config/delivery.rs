@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::{Checker, Text, parse_duration};
+use crate::delivery::mx::ResolverSettings;
 
 /// Use of STARTTLS towards a destination.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -73,7 +74,8 @@ pub struct DeliveryConfig {
     pub delay_notices: Vec<Duration>,
     /// Largest original, in octets, returned whole in a failure notification.
     pub bounce_return_limit: u64,
-    /// DNS servers for MX lookups; empty means the system's resolv.conf.
+    /// DNS servers for all of wsmtp's lookups (MX hosts and DNS
+    /// blocklists); empty means the system's resolv.conf.
     pub nameservers: Vec<SocketAddr>,
     pub resolver_timeout: Duration,
     pub resolver_attempts: usize,
@@ -120,6 +122,15 @@ impl DeliveryConfig {
     /// STARTTLS policy for MX delivery to `domain`.
     pub fn tls_for_domain(&self, domain: &str) -> TlsMode {
         self.tls_policy.get(domain).copied().unwrap_or(self.tls)
+    }
+
+    /// The `resolver` settings, which serve MX lookups and DNS blocklists.
+    pub fn resolver_settings(&self) -> ResolverSettings {
+        ResolverSettings {
+            nameservers: self.nameservers.clone(),
+            timeout: self.resolver_timeout,
+            attempts: self.resolver_attempts,
+        }
     }
 }
 

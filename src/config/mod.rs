@@ -24,6 +24,7 @@ mod delivery;
 pub use delivery::{DeliveryConfig, TlsMode};
 
 use crate::policy::address::Domain;
+use crate::policy::dnsbl::{BlocklistZone, OnError, ZoneKind};
 use crate::policy::lists::{AddressList, NetworkList, read_list_file};
 use crate::policy::rules::{Lists, RuleSet};
 use crate::queue::QueueConfig;
@@ -84,6 +85,9 @@ pub struct Config {
     pub rules: std::sync::Arc<RuleSet>,
     /// The rules directory read, if any.
     pub rules_directory: Option<PathBuf>,
+    /// DNS blocklist zones that rules may name; only the named ones are
+    /// queried.
+    pub dnsbl: Vec<BlocklistZone>,
     /// How often the directory version is polled when no notification came.
     pub directory_poll_interval: Duration,
     pub log: LogConfig,
@@ -243,6 +247,8 @@ struct RawConfig {
     #[serde(default)]
     lists: Vec<RawList>,
     #[serde(default)]
+    dnsbl: Vec<RawDnsbl>,
+    #[serde(default)]
     listeners: Vec<RawListener>,
     #[serde(default)]
     limits: RawLimits,
@@ -269,6 +275,15 @@ struct RawList {
     name: Text,
     kind: Text,
     file: Text,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawDnsbl {
+    zone: Text,
+    kind: Option<Text>,
+    timeout: Option<Text>,
+    on_error: Option<Text>,
 }
 
 #[derive(Deserialize, Default)]
@@ -565,8 +580,15 @@ impl Config {
         };
         let rules = raw.rules.clone();
         let raw_lists = raw.lists.clone();
+        let raw_dnsbl = raw.dnsbl.clone();
         let mut config = convert(raw, database_url, &mut checker);
-        let lists = load_lists(&raw_lists, base, &mut checker);
+        let mut lists = load_lists(&raw_lists, base, &mut checker);
+        config.dnsbl = convert_dnsbl(&raw_dnsbl, &mut checker);
+        lists.blocklists = config
+            .dnsbl
+            .iter()
+            .map(|zone| (zone.zone.clone(), zone.clone()))
+            .collect();
         load_rules(&mut config, rules.as_ref(), base, &lists, &mut checker);
         if checker.problems.is_empty() {
             Ok(config)
@@ -642,13 +664,12 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         delivery,
         rules: Default::default(),
         rules_directory: None,
+        dnsbl: Vec::new(),
         directory_poll_interval,
         log,
     }
 }
 
-/// Reads the rules directory: the `rules` key, else `rules` beside the
-/// configuration file when that directory exists.
 /// Reads the named lists; relative files are taken from `base`.
 fn load_lists(raw: &[RawList], base: Option<&Path>, checker: &mut Checker) -> Lists {
     let mut lists = Lists::default();
@@ -704,6 +725,80 @@ fn load_lists(raw: &[RawList], base: Option<&Path>, checker: &mut Checker) -> Li
     lists
 }
 
+/// Checks the `dnsbl` zones: a valid, unique zone name, `kind` ip or domain
+/// (default ip), a timeout (default 2s) and `on_error` ignore or tempfail
+/// (default ignore).
+fn convert_dnsbl(raw: &[RawDnsbl], checker: &mut Checker) -> Vec<BlocklistZone> {
+    let mut zones: Vec<BlocklistZone> = Vec::new();
+    for (index, entry) in raw.iter().enumerate() {
+        let path = format!("dnsbl[{index}]");
+        let zone_line = entry.zone.referenced.line();
+        let zone = checker.domain(&format!("{path}.zone"), &entry.zone);
+        let kind = match entry.kind.as_ref().map(|k| (k.value.trim(), k)) {
+            None | Some(("ip", _)) => ZoneKind::Ip,
+            Some(("domain", _)) => ZoneKind::Domain,
+            Some((other, text)) => {
+                checker.problem(
+                    format!("{path}.kind"),
+                    text.referenced.line(),
+                    format!("unknown zone kind {other:?}; use ip (client addresses) or domain (sender domains)"),
+                );
+                ZoneKind::Ip
+            }
+        };
+        let on_error = match entry.on_error.as_ref().map(|k| (k.value.trim(), k)) {
+            None | Some(("ignore", _)) => OnError::Ignore,
+            Some(("tempfail", _)) => OnError::Tempfail,
+            Some((other, text)) => {
+                checker.problem(
+                    format!("{path}.on_error"),
+                    text.referenced.line(),
+                    format!("unknown on_error value {other:?}; use ignore or tempfail"),
+                );
+                OnError::Ignore
+            }
+        };
+        let timeout = checker.duration(
+            &format!("{path}.timeout"),
+            &entry.timeout,
+            Duration::from_secs(2),
+            Duration::from_millis(10),
+            Duration::from_secs(60),
+        );
+        let Some(zone) = zone else { continue };
+        // The longest query name is 32 IPv6 nibbles with their dots (64
+        // characters) in front of the zone, and a DNS name has at most 253.
+        if zone.len() > MAX_ZONE_LENGTH {
+            checker.problem(
+                format!("{path}.zone"),
+                zone_line,
+                format!("zone {zone} is longer than {MAX_ZONE_LENGTH} characters, which leaves no room for the query"),
+            );
+            continue;
+        }
+        if zones.iter().any(|existing| existing.zone == zone) {
+            checker.problem(
+                format!("{path}.zone"),
+                zone_line,
+                format!("zone {zone} is defined twice"),
+            );
+            continue;
+        }
+        zones.push(BlocklistZone {
+            zone,
+            kind,
+            timeout,
+            on_error,
+        });
+    }
+    zones
+}
+
+/// Longest zone name that leaves room for an IPv6 query in front of it.
+const MAX_ZONE_LENGTH: usize = 253 - 64;
+
+/// Reads the rules directory: the `rules` key, else `rules` beside the
+/// configuration file when that directory exists.
 fn load_rules(
     config: &mut Config,
     key: Option<&Text>,

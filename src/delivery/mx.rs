@@ -211,42 +211,9 @@ impl MxResolver {
     /// [`ResolverSetupError::Build`] when hickory-resolver rejects the
     /// configuration.
     pub fn new(settings: &ResolverSettings) -> Result<MxResolver, ResolverSetupError> {
-        if settings.timeout.is_zero() {
-            return Err(ResolverSetupError::InvalidSettings(
-                "the DNS timeout is zero; set a timeout of at least 1 ms".to_owned(),
-            ));
-        }
-        if settings.attempts == 0 {
-            return Err(ResolverSetupError::InvalidSettings(
-                "the number of DNS attempts is zero; set at least 1".to_owned(),
-            ));
-        }
-
-        let name_servers = if settings.nameservers.is_empty() {
-            system_name_servers()?
-        } else {
-            settings
-                .nameservers
-                .iter()
-                .map(|address| udp_and_tcp_name_server(*address))
-                .collect()
-        };
-
-        // No domain and no search list: names are always queried as given.
-        let config = ResolverConfig::from_parts(None, Vec::new(), name_servers);
-
-        let mut options = ResolverOpts::default();
-        options.timeout = settings.timeout;
-        // hickory-resolver counts the retries after the first query.
-        options.attempts = settings.attempts - 1;
-        options.use_hosts_file = ResolveHosts::Never;
-
-        let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
-            .with_options(options)
-            .build()
-            .map_err(|error| ResolverSetupError::Build(error.to_string()))?;
-
-        Ok(MxResolver { resolver })
+        Ok(MxResolver {
+            resolver: build_resolver(settings)?,
+        })
     }
 
     /// Looks up the hosts to deliver to for `domain`, in the order to try
@@ -395,6 +362,55 @@ impl MxResolver {
     }
 }
 
+/// Builds a hickory resolver with its answer cache from the settings. With
+/// explicit name servers nothing is read from the system. Otherwise
+/// /etc/resolv.conf is read once here. Names are always queried as given: no
+/// search domain is appended and /etc/hosts is not read.
+///
+/// # Errors
+///
+/// See [`MxResolver::new`].
+pub(crate) fn build_resolver(
+    settings: &ResolverSettings,
+) -> Result<TokioResolver, ResolverSetupError> {
+    if settings.timeout.is_zero() {
+        return Err(ResolverSetupError::InvalidSettings(
+            "the DNS timeout is zero; set a timeout of at least 1 ms".to_owned(),
+        ));
+    }
+    if settings.attempts == 0 {
+        return Err(ResolverSetupError::InvalidSettings(
+            "the number of DNS attempts is zero; set at least 1".to_owned(),
+        ));
+    }
+
+    let name_servers = if settings.nameservers.is_empty() {
+        system_name_servers()?
+    } else {
+        settings
+            .nameservers
+            .iter()
+            .map(|address| udp_and_tcp_name_server(*address))
+            .collect()
+    };
+
+    // No domain and no search list: names are always queried as given.
+    let config = ResolverConfig::from_parts(None, Vec::new(), name_servers);
+
+    let mut options = ResolverOpts::default();
+    options.timeout = settings.timeout;
+    // hickory-resolver counts the retries after the first query.
+    options.attempts = settings.attempts - 1;
+    options.use_hosts_file = ResolveHosts::Never;
+
+    let resolver = TokioResolver::builder_with_config(config, TokioRuntimeProvider::default())
+        .with_options(options)
+        .build()
+        .map_err(|error| ResolverSetupError::Build(error.to_string()))?;
+
+    Ok(resolver)
+}
+
 /// Maps a mail domain to a fully qualified DNS name of lowercase A-labels.
 fn fully_qualified_name(domain: &str) -> Result<Name, MxError> {
     let invalid = |reason: String| MxError::InvalidDomain {
@@ -434,7 +450,7 @@ fn order_mx_hosts(mut records: Vec<(u16, Name)>) -> Vec<(u16, Name)> {
 
 /// Returns the response code of a negative answer (NXDOMAIN, or NOERROR
 /// without records), or `None` for any other error.
-fn no_records_code(error: &NetError) -> Option<ResponseCode> {
+pub(crate) fn no_records_code(error: &NetError) -> Option<ResponseCode> {
     match error {
         NetError::Dns(DnsError::NoRecordsFound(NoRecords { response_code, .. })) => {
             Some(*response_code)

@@ -23,7 +23,7 @@ use crate::config::{Config, GroupConfig, TlsMode};
 use super::body::StoredBody;
 use super::dsn::DsnAction;
 use super::maildir::MaildirWriter;
-use super::mx::{MxResolver, ResolverSettings};
+use super::mx::MxResolver;
 use super::store::{ClaimedDelivery, DeliveryResult, DeliveryStore, StoreError};
 use super::tls::TlsClients;
 use super::transport::{
@@ -92,11 +92,7 @@ pub struct DeliveryWorkers {
 impl DeliveryWorkers {
     pub fn new(store: DeliveryStore, config: &Config) -> anyhow::Result<DeliveryWorkers> {
         let delivery = store.config();
-        let resolver = MxResolver::new(&ResolverSettings {
-            nameservers: delivery.nameservers.clone(),
-            timeout: delivery.resolver_timeout,
-            attempts: delivery.resolver_attempts,
-        })?;
+        let resolver = MxResolver::new(&delivery.resolver_settings())?;
         let tls = TlsClients::new(delivery.tls_ca_file.as_deref())?;
         let sessions = Arc::new(Semaphore::new(delivery.workers));
         Ok(DeliveryWorkers {

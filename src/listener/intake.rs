@@ -18,6 +18,11 @@
 //! breaks, or MAIL gets a 4xx, the recipient is spooled with the group as its
 //! route instead of getting the 4xx, and the router hands it to the group
 //! later. A 5xx from the downstream is always passed on.
+//!
+//! When rules name DNS blocklist zones, the client is looked up at the first
+//! RCPT of the session (so a client rejected earlier causes no query) and the
+//! result is kept for the connection. The sender's domain is looked up at
+//! the first RCPT of each transaction, again only when its domain changed.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,6 +33,7 @@ use tokio::sync::Notify;
 use crate::config::Config;
 use crate::directory::Directory;
 use crate::passthrough::Relay;
+use crate::policy::dnsbl::{Blocklists, DnsblResults};
 use crate::policy::{self, Action, DirectoryView, Route, SessionFacts};
 use crate::queue::{self, Queue, SpoolRecipient, SpoolWriter};
 use crate::smtp::envelope::{Envelope, Recipient};
@@ -42,6 +48,8 @@ pub struct Shared {
     pub directory: Option<Arc<Directory>>,
     /// Wakes the router of this process after a message was spooled.
     pub router_wake: Option<Arc<Notify>>,
+    /// The DNS blocklists that rules name; None when no rule names one.
+    pub blocklists: Option<Arc<Blocklists>>,
 }
 
 /// A group's failure to take the transaction.
@@ -94,6 +102,12 @@ pub struct Intake {
     fallback_logged: bool,
     /// A downstream session kept after a finished transaction, for the next one.
     idle_relay: Option<Relay>,
+    /// Blocklist results of the client and of the last sender domain looked up.
+    dnsbl: DnsblResults,
+    /// Whether the client was looked up in this session.
+    client_checked: bool,
+    /// The sender domain whose results are in `dnsbl`.
+    checked_domain: Option<String>,
 }
 
 impl Intake {
@@ -106,6 +120,34 @@ impl Intake {
             failed_groups: HashMap::new(),
             fallback_logged: false,
             idle_relay: None,
+            dnsbl: DnsblResults::new(),
+            client_checked: false,
+            checked_domain: None,
+        }
+    }
+
+    /// Looks up what the rules' blocklists need and is not known yet: the
+    /// client once per session, the sender domain once per domain.
+    async fn check_blocklists(&mut self, client: &ClientInfo, envelope: &Envelope) {
+        let Some(blocklists) = self.shared.blocklists.clone() else {
+            return;
+        };
+        if blocklists.has_ip_zones() && !self.client_checked {
+            self.client_checked = true;
+            let results = blocklists.check_client(client.peer.ip()).await;
+            self.dnsbl.extend(results);
+        }
+        let domain = envelope
+            .sender
+            .as_ref()
+            .and_then(|sender| sender.domain().as_name());
+        if blocklists.has_domain_zones()
+            && let Some(domain) = domain
+            && self.checked_domain.as_deref() != Some(domain)
+        {
+            let results = blocklists.check_domain(domain).await;
+            self.dnsbl.extend(results);
+            self.checked_domain = Some(domain.to_string());
         }
     }
 
@@ -344,6 +386,7 @@ impl Handler for Intake {
         envelope: &Envelope,
         recipient: &Recipient,
     ) -> Reply {
+        self.check_blocklists(client, envelope).await;
         let snapshot = self.shared.directory.as_ref().and_then(|d| d.snapshot());
         let view = match (&self.shared.directory, &snapshot) {
             (None, _) => DirectoryView::Absent,
@@ -357,6 +400,7 @@ impl Handler for Intake {
             auth: None,
             tls: client.tls,
             sender: &sender,
+            dnsbl: &self.dnsbl,
         };
         let decision = policy::decide(
             &self.shared.config.relay,

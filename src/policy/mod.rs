@@ -24,13 +24,15 @@
 //! Domains match exactly: a local domain does not cover its subdomains.
 
 pub mod address;
+pub mod dnsbl;
 pub mod lists;
 pub mod rules;
 
 use std::net::IpAddr;
 
 use address::{Address, Domain};
-use rules::{Facts, RecipientKind, Rule, RuleAction, RuleSet};
+use dnsbl::DnsblResults;
+use rules::{Facts, RecipientKind, RuleAction, RuleMatch, RuleSet};
 
 use crate::config::RelayConfig;
 use crate::directory::{DomainEntry, DomainKind, Lookup, Snapshot, normalise_address};
@@ -210,6 +212,9 @@ pub struct SessionFacts<'a> {
     pub tls: bool,
     /// Reverse-path; "" for `<>`.
     pub sender: &'a str,
+    /// DNS blocklist results of the client and the sender's domain, for the
+    /// zones that rules name; [`DnsblResults::none`] without lookups.
+    pub dnsbl: &'a DnsblResults,
 }
 
 /// Decides one recipient: `<Postmaster>` and the anti-relay check on routing
@@ -245,26 +250,39 @@ pub fn decide(
             sender: session.sender,
             recipient,
             kind,
+            dnsbl: session.dnsbl,
         };
-        if let Some(rule) = rules.first_match(&facts) {
-            return rule_decision(relay, directory, recipient, rule);
+        if let Some(found) = rules.first_match(&facts) {
+            return rule_decision(relay, directory, recipient, found);
         }
     }
     decide_recipient(relay, directory, session.client, recipient, bare_postmaster)
 }
 
-/// The decision of a matching rule.
+/// Turns a rule match into a decision: the rule's action, or `451 4.4.3`
+/// when a blocklist that the rule names could not be queried.
 fn rule_decision(
     relay: &RelayConfig,
     directory: DirectoryView<'_>,
     recipient: &Address,
-    rule: &Rule,
+    found: RuleMatch<'_>,
 ) -> Decision {
+    let rule = found.rule();
     let reference = rule.reference();
+    let listed = match &found {
+        RuleMatch::BlocklistUnavailable { zone, .. } => {
+            return Decision::reject(Reply::blocklist_unavailable(zone), reference);
+        }
+        RuleMatch::Matched { listed, .. } => listed.as_ref(),
+    };
     match &rule.action {
         RuleAction::Accept => Decision::accept(Route::Local, reference),
         RuleAction::Reject(reply) | RuleAction::Tempfail(reply) => {
-            Decision::reject(reply.clone(), reference)
+            let reply = match listed {
+                Some(listed) => rules::fill_reply(reply, listed),
+                None => reply.clone(),
+            };
+            Decision::reject(reply, reference)
         }
         RuleAction::Relay { group } => {
             let group = group

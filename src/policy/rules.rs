@@ -22,18 +22,27 @@
 //! `sender_list` (named address lists), `auth` (`any`, `none`, or account names),
 //! `helo` (patterns), `sender` and `recipient` (addresses, `@domain`,
 //! patterns, and `<>` for the null sender), `recipient_kind` (`local_account`,
-//! `list`, `unknown_local`, `relay_domain`, `foreign`), `tls` (true or false).
+//! `list`, `unknown_local`, `relay_domain`, `foreign`), `tls` (true or false),
+//! `dnsbl` (DNS blocklist zones of kind `ip`: the client is listed in one of
+//! them) and `rhsbl` (zones of kind `domain`: the sender's domain is listed in
+//! one of them; `<>` never matches).
 //! A pattern is a shell-style wildcard (`*`, `?`) or, between slashes, a
 //! regular expression; both match case-insensitively and whole values.
 //!
 //! Actions: `accept` spools the recipient for local routing; `relay` passes
 //! it through to `group` (default: the domain's group, else the outbound
 //! group); `reject` and `tempfail` reply with `reply` (defaults `550 5.7.1`
-//! and `451 4.7.1`).
+//! and `451 4.7.1`). In the reply of a rule with `dnsbl` or `rhsbl`,
+//! `{reason}` becomes the listing's TXT text (or "listed in ZONE") and
+//! `{zone}` the zone that listed the client or sender.
+//!
+//! A named zone whose lookup failed counts as not listing anyone, unless the
+//! zone has `on_error: tempfail`: then a rule that could only match through
+//! that zone decides `451 4.4.3` instead of its action.
 //!
 //! Every problem is reported with its file and line, all at once.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,13 +55,21 @@ use serde_saphyr::Spanned;
 use crate::smtp::reply::{Enhanced, Reply};
 
 use super::address::Address;
+use super::dnsbl::{self, BlocklistZone, DnsblResults, Listing, OnError, ZoneKind};
 use super::lists::{AddressList, NetworkList};
+
+/// Longest reply text after `{reason}` and `{zone}` are filled in. A reply
+/// line has at most 512 octets with its CRLF (RFC 5321 section 4.5.3.1.5),
+/// and the codes in front take at most 14 of them.
+const MAX_REPLY_TEXT: usize = 490;
 
 /// Named lists that rules may refer to.
 #[derive(Clone, Debug, Default)]
 pub struct Lists {
     pub networks: HashMap<String, Arc<NetworkList>>,
     pub addresses: HashMap<String, Arc<AddressList>>,
+    /// DNS blocklist zones by zone name.
+    pub blocklists: HashMap<String, BlocklistZone>,
 }
 
 /// What the directory and configuration say about a recipient.
@@ -108,6 +125,8 @@ pub struct Facts<'a> {
     pub sender: &'a str,
     pub recipient: &'a Address,
     pub kind: RecipientKind,
+    /// DNS blocklist results of the client and of the sender's domain.
+    pub dnsbl: &'a DnsblResults,
 }
 
 /// What a matching rule does.
@@ -139,7 +158,79 @@ pub struct Rule {
     recipient: Option<Vec<AddressMatch>>,
     recipient_kind: Option<HashSet<RecipientKind>>,
     tls: Option<bool>,
+    dnsbl: Option<Vec<ZoneCondition>>,
+    rhsbl: Option<Vec<ZoneCondition>>,
     pub action: RuleAction,
+}
+
+/// A blocklist zone named by a rule, with its error policy.
+#[derive(Clone, Debug)]
+struct ZoneCondition {
+    zone: String,
+    on_error: OnError,
+}
+
+/// The blocklist entry that made a rule match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListedIn {
+    pub zone: String,
+    /// The sanitised TXT text, when the list published one.
+    pub reason: Option<String>,
+}
+
+/// The first rule that decides a recipient.
+#[derive(Clone, Debug)]
+pub enum RuleMatch<'a> {
+    /// Every condition holds. `listed` is the blocklist entry behind a
+    /// `dnsbl` or `rhsbl` condition, the client's first.
+    Matched {
+        rule: &'a Rule,
+        listed: Option<ListedIn>,
+    },
+    /// The other conditions hold, but a named zone with `on_error: tempfail`
+    /// failed and no named zone lists the client or sender.
+    BlocklistUnavailable { rule: &'a Rule, zone: String },
+}
+
+impl RuleMatch<'_> {
+    pub fn rule(&self) -> &Rule {
+        match self {
+            RuleMatch::Matched { rule, .. } | RuleMatch::BlocklistUnavailable { rule, .. } => rule,
+        }
+    }
+}
+
+/// Outcome of one `dnsbl` or `rhsbl` condition.
+enum ZoneOutcome {
+    Listed(ListedIn),
+    NotListed,
+    /// A zone with `on_error: tempfail` failed.
+    Unavailable(String),
+}
+
+/// Checks the zones of one condition: listed in any of them wins, then a
+/// failed zone with `on_error: tempfail`. A zone without a result counts as
+/// not listing.
+fn check_zones(zones: &[ZoneCondition], results: &DnsblResults) -> ZoneOutcome {
+    let mut unavailable = None;
+    for condition in zones {
+        match results.get(&condition.zone) {
+            Some(Listing::Listed { reason }) => {
+                return ZoneOutcome::Listed(ListedIn {
+                    zone: condition.zone.clone(),
+                    reason: reason.clone(),
+                });
+            }
+            Some(Listing::Failed(_)) if condition.on_error == OnError::Tempfail => {
+                unavailable.get_or_insert_with(|| condition.zone.clone());
+            }
+            Some(Listing::Failed(_) | Listing::NotListed) | None => {}
+        }
+    }
+    match unavailable {
+        Some(zone) => ZoneOutcome::Unavailable(zone),
+        None => ZoneOutcome::NotListed,
+    }
 }
 
 impl Rule {
@@ -153,7 +244,46 @@ impl Rule {
         )
     }
 
-    fn matches(&self, facts: &Facts<'_>) -> bool {
+    /// Checks every condition: the ones on the session and recipient first,
+    /// then the blocklist conditions.
+    fn evaluate(&self, facts: &Facts<'_>) -> Option<RuleMatch<'_>> {
+        if !self.matches_without_blocklists(facts) {
+            return None;
+        }
+        let client = self
+            .dnsbl
+            .as_ref()
+            .map(|zones| check_zones(zones, facts.dnsbl));
+        let sender = self.rhsbl.as_ref().map(|zones| {
+            if facts.sender.is_empty() {
+                ZoneOutcome::NotListed
+            } else {
+                check_zones(zones, facts.dnsbl)
+            }
+        });
+        let outcomes = [client, sender];
+        if outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, Some(ZoneOutcome::NotListed)))
+        {
+            return None;
+        }
+        let mut listed = None;
+        for outcome in outcomes.into_iter().flatten() {
+            match outcome {
+                ZoneOutcome::Unavailable(zone) => {
+                    return Some(RuleMatch::BlocklistUnavailable { rule: self, zone });
+                }
+                ZoneOutcome::Listed(entry) => {
+                    listed.get_or_insert(entry);
+                }
+                ZoneOutcome::NotListed => {}
+            }
+        }
+        Some(RuleMatch::Matched { rule: self, listed })
+    }
+
+    fn matches_without_blocklists(&self, facts: &Facts<'_>) -> bool {
         if let Some(networks) = &self.client
             && !networks.iter().any(|net| net.contains(&facts.client))
         {
@@ -251,6 +381,8 @@ impl AddressMatch {
 pub struct RuleSet {
     rules: Vec<Rule>,
     files: Vec<PathBuf>,
+    /// Blocklist zones named by any rule.
+    zones: BTreeSet<String>,
 }
 
 /// A problem in a rules file.
@@ -282,6 +414,8 @@ struct RawRule {
     recipient: Option<Vec<Text>>,
     recipient_kind: Option<Vec<Text>>,
     tls: Option<bool>,
+    dnsbl: Option<Vec<Text>>,
+    rhsbl: Option<Vec<Text>>,
     action: Text,
     group: Option<Text>,
     reply: Option<Text>,
@@ -301,9 +435,16 @@ impl RuleSet {
         &self.files
     }
 
-    /// The first rule that matches, if any.
-    pub fn first_match(&self, facts: &Facts<'_>) -> Option<&Rule> {
-        self.rules.iter().find(|rule| rule.matches(facts))
+    /// Returns the first rule that matches, or whose blocklist failed with
+    /// `on_error: tempfail`, if any.
+    pub fn first_match(&self, facts: &Facts<'_>) -> Option<RuleMatch<'_>> {
+        self.rules.iter().find_map(|rule| rule.evaluate(facts))
+    }
+
+    /// Returns the blocklist zones that rules name, which are the only ones
+    /// ever queried.
+    pub fn blocklist_zones(&self) -> &BTreeSet<String> {
+        &self.zones
     }
 
     /// Reads every `*.yaml` and `*.yml` file of `directory` in name order.
@@ -420,6 +561,9 @@ impl RuleSet {
                 })
             };
             if let Some(rule) = convert(file, raw_rule, groups, lists, &mut report) {
+                for condition in rule.dnsbl.iter().chain(&rule.rhsbl).flatten() {
+                    self.zones.insert(condition.zone.clone());
+                }
                 if !names.insert(rule.name.clone()) {
                     report(
                         rule.source.line,
@@ -573,6 +717,35 @@ fn convert(
             .collect()
     });
 
+    let mut zones = |list: Option<Vec<Text>>, kind: ZoneKind, ok: &mut bool| {
+        list.map(|list| {
+            list.iter()
+                .filter_map(|text| match zone_condition(&text.value, kind, lists) {
+                    Ok(condition) => Some(condition),
+                    Err(message) => {
+                        report(text.referenced.line(), message);
+                        *ok = false;
+                        None
+                    }
+                })
+                .collect::<Vec<_>>()
+        })
+    };
+    let dnsbl = zones(raw.dnsbl, ZoneKind::Ip, &mut ok);
+    let rhsbl = zones(raw.rhsbl, ZoneKind::Domain, &mut ok);
+    if let Some(reply) = &raw.reply
+        && (reply.value.contains("{reason}") || reply.value.contains("{zone}"))
+        && dnsbl.is_none()
+        && rhsbl.is_none()
+    {
+        report(
+            reply.referenced.line(),
+            "{reason} and {zone} are only filled in for rules with a dnsbl or rhsbl condition"
+                .to_string(),
+        );
+        ok = false;
+    }
+
     let action_line = raw.action.referenced.line();
     let reply = |default: Reply, class: u16, report: &mut dyn FnMut(u64, String)| match &raw.reply {
         None => Some(default),
@@ -651,8 +824,81 @@ fn convert(
         recipient,
         recipient_kind,
         tls: raw.tls,
+        dnsbl,
+        rhsbl,
         action,
     })
+}
+
+/// Resolves a zone named in a `dnsbl` (kind ip) or `rhsbl` (kind domain)
+/// condition.
+fn zone_condition(text: &str, kind: ZoneKind, lists: &Lists) -> Result<ZoneCondition, String> {
+    // Zones are configured as lowercase A-labels without a trailing dot.
+    let name = match super::address::Domain::parse(text.trim()) {
+        Ok(super::address::Domain::Name(name)) => name,
+        _ => text.trim().to_ascii_lowercase(),
+    };
+    let key = match kind {
+        ZoneKind::Ip => "dnsbl",
+        ZoneKind::Domain => "rhsbl",
+    };
+    let Some(zone) = lists.blocklists.get(&name) else {
+        return Err(format!(
+            "unknown DNS blocklist zone {text:?}; define it under dnsbl with kind {}",
+            kind.as_str()
+        ));
+    };
+    if zone.kind != kind {
+        return Err(format!(
+            "zone {name} has kind {}, but {key} needs a zone of kind {}",
+            zone.kind.as_str(),
+            kind.as_str()
+        ));
+    }
+    Ok(ZoneCondition {
+        zone: name,
+        on_error: zone.on_error,
+    })
+}
+
+/// Fills `{reason}` and `{zone}` in the text of a matched rule's reply. The
+/// reason is the list's TXT text, or "listed in ZONE" without one. Text that
+/// a value brings in is not scanned again, so a TXT record cannot inject a
+/// placeholder.
+pub fn fill_reply(reply: &Reply, listed: &ListedIn) -> Reply {
+    let Some(template) = reply.lines().first() else {
+        return reply.clone();
+    };
+    if !template.contains('{') {
+        return reply.clone();
+    }
+    let zone = dnsbl::sanitise(&listed.zone, MAX_REPLY_TEXT);
+    let reason = match &listed.reason {
+        Some(reason) => dnsbl::sanitise(reason, dnsbl::MAX_REASON_LENGTH),
+        None => format!("listed in {zone}"),
+    };
+    let mut text = String::new();
+    let mut rest = template.as_str();
+    while let Some(start) = rest.find('{') {
+        text.push_str(&rest[..start]);
+        let tail = &rest[start..];
+        if let Some(after) = tail.strip_prefix("{reason}") {
+            text.push_str(&reason);
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("{zone}") {
+            text.push_str(&zone);
+            rest = after;
+        } else {
+            text.push('{');
+            rest = &tail[1..];
+        }
+    }
+    text.push_str(rest);
+    let text = dnsbl::sanitise(&text, MAX_REPLY_TEXT);
+    let enhanced = reply
+        .enhanced()
+        .unwrap_or(Enhanced((reply.code() / 100) as u8, 0, 0));
+    Reply::configured(reply.code(), enhanced, &text)
 }
 
 /// Compiles a wildcard or `/regex/` pattern that must match a whole value,
@@ -741,4 +987,180 @@ fn parse_reply(text: &str, class: u16) -> Result<Reply, String> {
         Enhanced(class as u8, numbers[1], numbers[2]),
         explanation,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn lists() -> Lists {
+        let mut lists = Lists::default();
+        for (zone, kind, on_error) in [
+            ("a.test", ZoneKind::Ip, OnError::Tempfail),
+            ("b.test", ZoneKind::Ip, OnError::Ignore),
+            ("d.test", ZoneKind::Domain, OnError::Ignore),
+        ] {
+            lists.blocklists.insert(
+                zone.to_string(),
+                BlocklistZone {
+                    zone: zone.to_string(),
+                    kind,
+                    timeout: Duration::from_secs(1),
+                    on_error,
+                },
+            );
+        }
+        lists
+    }
+
+    const RULES: &str = "\
+- name: either-list
+  dnsbl: [a.test, b.test]
+  action: reject
+  reply: \"554 5.7.1 {zone}: {reason} {unknown}\"
+- name: client-and-sender
+  dnsbl: [a.test]
+  rhsbl: [d.test]
+  action: tempfail
+";
+
+    fn results(entries: &[(&str, Listing)]) -> DnsblResults {
+        entries
+            .iter()
+            .map(|(zone, listing)| (zone.to_string(), listing.clone()))
+            .collect()
+    }
+
+    /// Returns the name of the deciding rule, with "unavailable:ZONE" for a
+    /// blocklist failure and the filled reply for a match.
+    fn first(results: &DnsblResults, sender: &str) -> Option<String> {
+        first_in(RULES, results, sender)
+    }
+
+    fn first_in(rules: &str, results: &DnsblResults, sender: &str) -> Option<String> {
+        let set = RuleSet::parse_text(Path::new("rules.yaml"), rules, &HashSet::new(), &lists())
+            .expect("valid rules");
+        let recipient = Address::parse("bob@example.net").expect("recipient");
+        let facts = Facts {
+            client: "192.0.2.1".parse().expect("ip"),
+            helo: "client.example",
+            auth: None,
+            tls: false,
+            sender,
+            recipient: &recipient,
+            kind: RecipientKind::Foreign,
+            dnsbl: results,
+        };
+        set.first_match(&facts).map(|found| match found {
+            RuleMatch::BlocklistUnavailable { rule, zone } => {
+                format!("{} unavailable:{zone}", rule.name)
+            }
+            RuleMatch::Matched {
+                rule,
+                listed: Some(listed),
+            } => match &rule.action {
+                RuleAction::Reject(reply) | RuleAction::Tempfail(reply) => {
+                    format!("{} {}", rule.name, fill_reply(reply, &listed).summary())
+                }
+                other => format!("{} {other:?}", rule.name),
+            },
+            RuleMatch::Matched { rule, listed: None } => rule.name.clone(),
+        })
+    }
+
+    fn listed(reason: Option<&str>) -> Listing {
+        Listing::Listed {
+            reason: reason.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn listed_zone_wins_over_failed_zone() {
+        let found = first(
+            &results(&[
+                ("a.test", Listing::Failed("timed out".into())),
+                ("b.test", listed(Some("bad host"))),
+            ]),
+            "a@example.org",
+        );
+        assert_eq!(
+            found.as_deref(),
+            Some("either-list 554 5.7.1 b.test: bad host {unknown}")
+        );
+    }
+
+    #[test]
+    fn failed_tempfail_zone_decides() {
+        let found = first(
+            &results(&[
+                ("a.test", Listing::Failed("timed out".into())),
+                ("b.test", Listing::NotListed),
+            ]),
+            "a@example.org",
+        );
+        assert_eq!(found.as_deref(), Some("either-list unavailable:a.test"));
+    }
+
+    #[test]
+    fn failed_ignore_zone_is_not_listed() {
+        let found = first(
+            &results(&[
+                ("a.test", Listing::NotListed),
+                ("b.test", Listing::Failed("SERVFAIL".into())),
+            ]),
+            "a@example.org",
+        );
+        assert_eq!(found, None);
+    }
+
+    #[test]
+    fn unlisted_condition_beats_failed_one() {
+        // Without a.test in the first rule, only client-and-sender names it,
+        // and that rule needs the sender listed as well.
+        let rules = RULES.replace("dnsbl: [a.test, b.test]", "dnsbl: [b.test]");
+        let sender_clean = results(&[
+            ("a.test", Listing::Failed("timed out".into())),
+            ("b.test", Listing::NotListed),
+            ("d.test", Listing::NotListed),
+        ]);
+        assert_eq!(first_in(&rules, &sender_clean, "a@example.org"), None);
+
+        let sender_listed = results(&[
+            ("a.test", Listing::Failed("timed out".into())),
+            ("b.test", Listing::NotListed),
+            ("d.test", listed(None)),
+        ]);
+        assert_eq!(
+            first_in(&rules, &sender_listed, "a@spam.example").as_deref(),
+            Some("client-and-sender unavailable:a.test")
+        );
+        assert_eq!(
+            first_in(&rules, &sender_listed, "").as_deref(),
+            None,
+            "rhsbl never matches <>"
+        );
+
+        let both_listed = results(&[("a.test", listed(None)), ("d.test", listed(None))]);
+        assert_eq!(
+            first_in(&rules, &both_listed, "a@spam.example").as_deref(),
+            Some("client-and-sender 451 4.7.1 Try again later")
+        );
+    }
+
+    #[test]
+    fn fill_reply_keeps_one_line() {
+        let reply = parse_reply("550 5.7.1 Blocked: {reason}", 5).expect("reply");
+        let listed = ListedIn {
+            zone: "a.test".to_string(),
+            reason: Some("line one\r\n550 fake {zone}".to_string()),
+        };
+        let filled = fill_reply(&reply, &listed);
+        assert_eq!(filled.lines().len(), 1);
+        assert_eq!(
+            filled.summary(),
+            "550 5.7.1 Blocked: line one??550 fake {zone}"
+        );
+    }
 }

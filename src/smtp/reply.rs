@@ -382,6 +382,16 @@ impl Reply {
         Reply::new(code, enhanced, text)
     }
 
+    /// Reply of a rule that names a DNS blocklist zone with
+    /// `on_error: tempfail` whose lookup failed.
+    pub fn blocklist_unavailable(zone: &str) -> Reply {
+        Reply::new(
+            451,
+            Enhanced(4, 4, 3),
+            format!("DNS blocklist {zone} unavailable, try again later"),
+        )
+    }
+
     /// Default reply of a `tempfail` rule.
     pub fn rule_tempfail() -> Reply {
         Reply::new(451, Enhanced(4, 7, 1), "Try again later")

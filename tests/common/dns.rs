@@ -7,7 +7,8 @@
 //! ```ignore
 //! let zone = Zone::new()
 //!     .mx("example.test", 10, "mx1.example.test")
-//!     .a("mx1.example.test", Ipv4Addr::new(127, 0, 0, 1));
+//!     .a("mx1.example.test", Ipv4Addr::new(127, 0, 0, 1))
+//!     .txt("2.0.0.127.bl.test", &["Listed for testing"]);
 //! let dns = TestDns::start(zone).await;
 //! ```
 //!
@@ -35,7 +36,7 @@ use hickory_server::Server;
 use hickory_server::net::runtime::{Time, TokioRuntimeProvider};
 use hickory_server::net::xfer::Protocol;
 use hickory_server::proto::op::{Header, HeaderCounts, Metadata, ResponseCode};
-use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA};
+use hickory_server::proto::rr::rdata::{A, AAAA, MX, SOA, TXT};
 use hickory_server::proto::rr::{LowerName, Name, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::store::in_memory::InMemoryZoneHandler;
@@ -104,6 +105,18 @@ impl Zone {
             zone_name(name),
             RECORD_TTL,
             RData::AAAA(AAAA(address)),
+        ));
+        self
+    }
+
+    /// Adds a TXT record of one character string per element of `strings`,
+    /// each at most 255 octets.
+    pub fn txt(mut self, name: &str, strings: &[&str]) -> Zone {
+        let strings = strings.iter().map(|text| text.to_string()).collect();
+        self.records.push(Record::from_rdata(
+            zone_name(name),
+            RECORD_TTL,
+            RData::TXT(TXT::new(strings)),
         ));
         self
     }
