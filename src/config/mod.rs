@@ -19,8 +19,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+mod auth;
 mod delivery;
 
+pub use auth::{AuthSettings, ListenerAuth, Mechanism};
 pub use delivery::{DeliveryConfig, TlsMode};
 
 use crate::policy::address::Domain;
@@ -78,6 +80,8 @@ pub struct Config {
     pub queue: Option<QueueSettings>,
     pub router: RouterConfig,
     pub delivery: DeliveryConfig,
+    /// SMTP AUTH settings shared by every listener.
+    pub auth: AuthSettings,
     /// How often the directory version is polled when no notification came.
     pub directory_poll_interval: Duration,
     pub log: LogConfig,
@@ -103,12 +107,17 @@ pub struct RouterConfig {
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// SMTP AUTH on this listener; None: AUTH is not offered.
+    pub auth: Option<ListenerAuth>,
 }
 
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
     pub certificate: PathBuf,
     pub key: PathBuf,
+    /// TLS starts on connect, before the greeting (RFC 8314), and STARTTLS
+    /// is not offered.
+    pub implicit: bool,
 }
 
 /// Policy for a NUL byte in message content.
@@ -232,6 +241,8 @@ struct RawConfig {
     #[serde(default)]
     directory: RawDirectory,
     #[serde(default)]
+    auth: auth::RawAuth,
+    #[serde(default)]
     log: RawLog,
 }
 
@@ -257,6 +268,7 @@ struct RawDirectory {
 struct RawListener {
     address: Text,
     tls: Option<RawTls>,
+    auth: Option<auth::RawListenerAuth>,
 }
 
 #[derive(Deserialize)]
@@ -264,6 +276,7 @@ struct RawListener {
 struct RawTls {
     certificate: Text,
     key: Text,
+    implicit: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -541,6 +554,17 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
             "relay_domains with fallback: queue need a queue database; add a queue section or set DATABASE_URL",
         );
     }
+    if queue.is_none() {
+        for (index, listener) in listeners.iter().enumerate() {
+            if listener.auth.is_some() {
+                checker.problem(
+                    format!("listeners[{index}].auth"),
+                    0,
+                    "AUTH checks passwords in the account directory, which needs a queue database; add a queue section or set DATABASE_URL",
+                );
+            }
+        }
+    }
     if queue.is_none() && !relay.local_domains.is_empty() {
         checker.problem(
             "queue",
@@ -551,6 +575,7 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
 
     let router = convert_router(&raw.router, checker);
     let delivery = delivery::convert_delivery(&raw.delivery, checker);
+    let auth = auth::convert_auth(&raw.auth, checker);
     let second = Duration::from_secs(1);
     let directory_poll_interval = checker.duration(
         "directory.poll_interval",
@@ -575,6 +600,7 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         queue,
         router,
         delivery,
+        auth,
         directory_poll_interval,
         log,
     }
@@ -639,9 +665,14 @@ fn convert_listeners(raw: &[RawListener], checker: &mut Checker) -> Vec<Listener
             TlsFiles {
                 certificate: PathBuf::from(&tls.certificate.value),
                 key: PathBuf::from(&tls.key.value),
+                implicit: tls.implicit.unwrap_or(false),
             }
         });
-        listeners.push(ListenerConfig { address, tls });
+        let auth = listener.auth.as_ref().map(|raw| {
+            let line = listener.address.referenced.line();
+            auth::convert_listener_auth(raw, index, tls.is_some(), line, checker)
+        });
+        listeners.push(ListenerConfig { address, tls, auth });
     }
     listeners
 }

@@ -354,6 +354,7 @@ impl Handler for Intake {
             &self.shared.config.relay,
             view,
             client.peer.ip(),
+            client.authenticated.as_deref(),
             &recipient.address,
             recipient.bare_postmaster,
         );

@@ -23,9 +23,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::TlsFiles;
+use crate::auth::Authenticator;
+use crate::config::{ListenerConfig, TlsFiles};
 use crate::smtp::reply::Reply;
-use crate::smtp::session::{Session, SessionConfig};
+use crate::smtp::session::{Session, SessionAuth, SessionConfig};
 use intake::{Intake, Shared};
 
 /// Counts open connections, in total and per client IP.
@@ -98,6 +99,13 @@ impl Server {
     pub async fn bind(shared: Arc<Shared>) -> anyhow::Result<Server> {
         let config = Arc::clone(&shared.config);
         let mut sockets = Vec::new();
+        // One authenticator for all listeners, so failure counts are shared.
+        let authenticator = match &shared.directory {
+            Some(directory) if config.listeners.iter().any(|l| l.auth.is_some()) => Some(Arc::new(
+                Authenticator::new(Arc::clone(directory), config.auth.clone()),
+            )),
+            _ => None,
+        };
         for listener in &config.listeners {
             let tls = match &listener.tls {
                 Some(files) => Some(load_tls(files)?),
@@ -108,6 +116,8 @@ impl Server {
                 limits: config.limits.clone(),
                 timeouts: config.timeouts.clone(),
                 tls,
+                implicit_tls: listener.tls.as_ref().is_some_and(|files| files.implicit),
+                auth: session_auth(listener, authenticator.as_ref())?,
             });
             let socket = TcpListener::bind(listener.address)
                 .await
@@ -145,7 +155,13 @@ impl Server {
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
-            tracing::info!(address = %address, tls = session_config.tls.is_some(), "listening");
+            tracing::info!(
+                address = %address,
+                tls = session_config.tls.is_some(),
+                implicit_tls = session_config.implicit_tls,
+                auth = session_config.auth.is_some(),
+                "listening"
+            );
             tracker.spawn(accept_loop(
                 socket,
                 session_config,
@@ -221,6 +237,27 @@ async fn accept_loop(
             session.run().await;
         });
     }
+}
+
+/// The AUTH settings of a listener's sessions.
+fn session_auth(
+    listener: &ListenerConfig,
+    authenticator: Option<&Arc<Authenticator>>,
+) -> anyhow::Result<Option<SessionAuth>> {
+    let Some(auth) = &listener.auth else {
+        return Ok(None);
+    };
+    let Some(authenticator) = authenticator else {
+        anyhow::bail!(
+            "listener {} offers AUTH, which needs the account directory; add a queue section",
+            listener.address
+        );
+    };
+    Ok(Some(SessionAuth {
+        mechanisms: auth.mechanisms.clone(),
+        require_tls: auth.require_tls,
+        authenticator: Arc::clone(authenticator),
+    }))
 }
 
 /// Sends a 421 to a connection over a limit and closes it.
