@@ -1,7 +1,8 @@
-//! SMTP AUTH (RFC 4954) with PLAIN and LOGIN against the account directory,
+//! SMTP AUTH (RFC 4954) with PLAIN and LOGIN against the account directory:
 //! the failure limit, relaying and sender rules for authenticated clients,
-//! implicit TLS, and `wsmtp accounts password`, with a real PostgreSQL, a
-//! recording downstream sink and the real binary for the command line.
+//! implicit TLS, and `wsmtp accounts password`. The tests use a real
+//! PostgreSQL, a recording downstream sink, and the real binary for the
+//! command line.
 
 mod common;
 
@@ -25,13 +26,13 @@ fn b64(text: &str) -> String {
     STANDARD.encode(text)
 }
 
-/// A PLAIN response: authorization identity, user name and password.
+/// Encodes a PLAIN response: authorization identity, user name and password.
 fn plain(authorization: &str, login: &str, password: &str) -> String {
     b64(&format!("{authorization}\0{login}\0{password}"))
 }
 
-/// The standard test layout with AUTH offered on the plain listener, no
-/// wait after failures, and a sink as the outbound group.
+/// Builds the standard test layout with AUTH offered on the plain listener,
+/// no wait after failures, and a sink as the outbound group.
 fn plain_auth_config(sink: &Sink) -> TestConfig {
     TestConfig::new(&[sink.addr])
         .auth("{require_tls: false}")
@@ -83,7 +84,7 @@ fn received_header(message: &SinkMessage) -> String {
 }
 
 #[tokio::test]
-async fn plain_with_initial_response_and_challenge() {
+async fn plain_with_and_without_initial_response() {
     let sink = Sink::start().await;
     let server = start_with_alice(plain_auth_config(&sink)).await;
     set_password(&server, "carol", "carol's password").await;
@@ -141,7 +142,7 @@ async fn plain_with_initial_response_and_challenge() {
 }
 
 #[tokio::test]
-async fn login_with_challenges_and_initial_response() {
+async fn login_with_and_without_initial_response() {
     let sink = Sink::start().await;
     let server = start_with_alice(plain_auth_config(&sink)).await;
 
@@ -309,7 +310,7 @@ async fn auth_requires_tls_when_configured() {
 }
 
 #[tokio::test]
-async fn failure_limit_blocks_the_client_for_the_window() {
+async fn failure_limit_blocks_the_client() {
     let sink = Sink::start().await;
     let config = TestConfig::new(&[sink.addr])
         .auth("{require_tls: false}")
@@ -380,7 +381,7 @@ async fn authenticated_client_relays_to_foreign_domains() {
 }
 
 #[tokio::test]
-async fn authenticated_sender_must_be_an_account_address() {
+async fn authenticated_sender_must_match_account() {
     let sink = Sink::start().await;
     let server = start_with_alice(plain_auth_config(&sink)).await;
 
@@ -431,7 +432,7 @@ async fn authenticated_sender_must_be_an_account_address() {
 }
 
 #[tokio::test]
-async fn implicit_tls_listener_greets_after_the_handshake() {
+async fn implicit_tls_greets_after_handshake() {
     let certificate = make_certificate();
     let sink = Sink::start().await;
     let config = TestConfig::new(&[sink.addr])
@@ -533,7 +534,7 @@ fn write_config(directory: &Path, database_url: &str, listener: &str) -> std::pa
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn accounts_password_sets_clears_and_reads_files() {
+async fn accounts_password_command() {
     let sink = Sink::start().await;
     let server = TestServer::start(plain_auth_config(&sink)).await;
     let db = server.db.as_ref().expect("database");
@@ -546,7 +547,8 @@ async fn accounts_password_sets_clears_and_reads_files() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert_eq!(stdout.trim(), "set the password of account alice");
-    assert!(!stdout.contains("from stdin 1") && !stderr.contains("from stdin 1"));
+    assert!(!stdout.contains("from stdin 1"), "{stdout}");
+    assert!(!stderr.contains("from stdin 1"), "{stderr}");
     let stored: String = database
         .query_one(
             "SELECT password_hash FROM accounts WHERE name = 'alice'",
@@ -640,7 +642,7 @@ impl Lines {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn binary_authenticates_and_never_logs_passwords() {
+async fn binary_never_logs_passwords() {
     let db = common::db::TestDb::reserve();
     let directory = tempfile::tempdir().expect("temp dir");
     let config = write_config(

@@ -3,7 +3,7 @@
 //!
 //! A client is an IPv4 address, or an IPv6 /64 network, because one host
 //! commonly has a whole /64 and could otherwise spread its guesses over
-//! addresses. The map holds at most `capacity` clients: when it is full,
+//! addresses. The map contains at most `capacity` clients. When it is full,
 //! clients whose window ended are dropped first, then the client whose
 //! window started earliest. An attacker who sprays failures from more than
 //! `capacity` sources can therefore push older clients out early, but
@@ -74,7 +74,7 @@ pub struct Reservation<'a> {
     settled: bool,
 }
 
-/// What recording a failure did.
+/// The result of recording a failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FailureCount {
     /// Failures of the client in the current window, this one included.
@@ -197,7 +197,7 @@ impl FailureLimiter {
         count
     }
 
-    /// The number of clients tracked, for tests and metrics.
+    /// Returns the number of clients tracked, for tests and metrics.
     pub fn tracked_clients(&self) -> usize {
         self.lock().len()
     }

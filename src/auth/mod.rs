@@ -33,7 +33,7 @@ use crate::policy::address::Address;
 use limiter::FailureLimiter;
 use password::Verification;
 
-/// What a client sent in one AUTH exchange.
+/// The identities and password that a client sent in one AUTH exchange.
 pub struct Credentials {
     /// The authorization identity (PLAIN only); None when it was empty.
     pub authorization: Option<String>,
@@ -66,7 +66,7 @@ pub enum AuthResult {
     Unavailable,
 }
 
-/// How one attempt ended, as logged.
+/// The outcome of one attempt, as logged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Success,
@@ -129,7 +129,7 @@ impl Authenticator {
         &self.settings
     }
 
-    /// True when AUTH from this client is refused until its window ends.
+    /// True when AUTH from this client is rejected until its window ends.
     pub fn is_blocked(&self, client: IpAddr) -> bool {
         self.limiter.is_blocked(client, Instant::now())
     }
@@ -200,7 +200,7 @@ impl Authenticator {
                 client = %client,
                 failures = count.failures,
                 window_seconds = self.settings.failure_window.as_secs(),
-                "too many authentication failures; AUTH from this client is refused until the window ends"
+                "too many authentication failures; AUTH from this client is rejected until the window ends"
             );
         }
         (AuthResult::Failed, outcome)
@@ -228,7 +228,7 @@ impl Authenticator {
     /// sender must belong to the account, as a RCPT lookup would find it:
     /// one of its addresses, a `+tag` form of one, or an address that only
     /// its catch-all covers. Without a loaded directory the sender is
-    /// refused.
+    /// rejected.
     pub fn sender_allowed(&self, account: &str, sender: Option<&Address>) -> bool {
         let Some(sender) = sender else {
             return true;
@@ -453,7 +453,7 @@ mod tests {
         assert!(auth.sender_allowed("alice", Some(&address("Alice+news@Example.com"))));
         assert!(!auth.sender_allowed("alice", Some(&address("bob@example.com"))));
         assert!(!auth.sender_allowed("alice", Some(&address("alice@example.org"))));
-        // bob has the catch-all: addresses nobody else has are his.
+        // bob has the catch-all, so addresses of no other account are his.
         assert!(auth.sender_allowed("bob", Some(&address("anyone@example.com"))));
         assert!(!auth.sender_allowed("bob", Some(&address("alice@example.com"))));
     }
@@ -484,7 +484,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn attempt_logs_name_login_and_outcome_but_no_password() {
+    async fn attempt_log_omits_password() {
         let buffer = LogBuffer::default();
         let writer = buffer.clone();
         let subscriber = tracing_subscriber::fmt()

@@ -107,7 +107,7 @@ pub(super) fn convert_auth(raw: &RawAuth, checker: &mut Checker) -> AuthSettings
     }
 }
 
-/// Converts `listeners[index].auth`. `has_tls` tells whether the listener
+/// Converts `listeners[index].auth`. `has_tls` is true when the listener
 /// has a certificate, which `require_tls` needs.
 pub(super) fn convert_listener_auth(
     raw: &RawListenerAuth,

@@ -7,9 +7,9 @@
 //! group) or the reply that rejects it, and always the name of the rule that
 //! decided, for the log line. It never waits on I/O.
 //!
-//! A trusted client is an authenticated one or one in a relay network; the
-//! rule name is then `authenticated[ACCOUNT]` or `relay_networks[CIDR]`
-//! (authentication wins when both apply).
+//! A trusted client is an authenticated one or one in a relay network. Its
+//! rule name is `authenticated[ACCOUNT]` or `relay_networks[CIDR]`, and
+//! authentication wins when both apply.
 //!
 //! The rules, first match wins:
 //! 1. `routing_characters`: a local part with `@`, `%` or `!` from a client
@@ -178,7 +178,7 @@ pub fn decide_recipient(
     }
 }
 
-/// Why a client may relay to any domain.
+/// The reason a client may relay to any domain.
 #[derive(Clone, Copy, Debug)]
 enum Trust<'a> {
     /// The client authenticated as this account.

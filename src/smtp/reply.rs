@@ -282,7 +282,7 @@ impl Reply {
     // --- Authentication (RFC 4954) -------------------------------------------
 
     /// A SASL challenge, base64 encoded; `334 ` with an empty one. Challenges
-    /// carry no enhanced status code (RFC 4954 §4).
+    /// carry no enhanced status code (RFC 4954).
     pub fn auth_challenge(base64: &str) -> Reply {
         Reply {
             code: 334,
@@ -299,7 +299,7 @@ impl Reply {
         Reply::new(535, Enhanced(5, 7, 8), "Authentication credentials invalid")
     }
 
-    /// The client sent `*` in place of a response (RFC 4954 §4).
+    /// The client sent `*` in place of a response (RFC 4954).
     pub fn auth_cancelled() -> Reply {
         Reply::new(501, Enhanced(5, 0, 0), "Authentication cancelled")
     }

@@ -1,4 +1,4 @@
-//! Decoding of SASL responses in an SMTP AUTH exchange (RFC 4954 §4): the
+//! Decoding of SASL responses in an SMTP AUTH exchange (RFC 4954): the
 //! base64 lines, the PLAIN message (RFC 4616) and the two LOGIN values.
 
 use base64::Engine as _;
@@ -12,7 +12,7 @@ pub const USERNAME_CHALLENGE: &str = "VXNlcm5hbWU6";
 pub const PASSWORD_CHALLENGE: &str = "UGFzc3dvcmQ6";
 
 /// Decodes one client response line, CRLF included or not. `*` cancels the
-/// exchange and `=` is an empty initial response (RFC 4954 §4).
+/// exchange and `=` is an empty initial response (RFC 4954).
 ///
 /// # Errors
 ///

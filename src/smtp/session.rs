@@ -53,7 +53,8 @@ pub struct SessionAuth {
     pub authenticator: Arc<Authenticator>,
 }
 
-/// Facts about the client, fixed for the whole connection except TLS and HELO.
+/// Facts about the client, fixed for the whole connection except TLS, HELO
+/// and authentication.
 #[derive(Clone, Debug)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
@@ -657,7 +658,7 @@ impl<H: Handler> Session<H> {
     }
 
     /// On an implicit-TLS listener, runs the TLS handshake before the
-    /// greeting (RFC 8314 §3.3); elsewhere does nothing. Returns why the
+    /// greeting (RFC 8314); elsewhere does nothing. Returns why the
     /// session ends when the handshake fails.
     async fn start_implicit_tls(&mut self) -> Result<(), String> {
         if !self.config.implicit_tls {
@@ -747,9 +748,9 @@ fn parse_error_reply(error: &ParseError) -> Reply {
 }
 
 /// Names a MAIL parameter that smtp-proto parsed but wsmtp does not offer.
-/// Where AUTH is offered, an AUTH= parameter is read and discarded: RFC 4954
-/// §5 allows a server to treat every client as not trusted to name the
-/// original submitter.
+/// An AUTH= parameter is read and discarded on a listener that offers AUTH,
+/// because RFC 4954 §5 allows a server to treat every client as not trusted
+/// to name the original submitter.
 fn unsupported_mail_parameter(
     from: &smtp_proto::MailFrom<std::borrow::Cow<'_, str>>,
     auth_offered: bool,

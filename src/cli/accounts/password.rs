@@ -17,8 +17,9 @@ use deadpool_postgres::Object;
 use crate::auth::password::hash_password;
 use crate::directory::admin;
 
-/// Passwords longer than this are refused: with the login name they must
-/// fit one base64 AUTH line of `limits.max_command_line` (default 2048).
+/// Passwords longer than this are rejected, so that a PLAIN response with a
+/// login name of ordinary length fits one AUTH line of the default
+/// `limits.max_command_line` (2048 octets, about 1500 before base64).
 const MAX_PASSWORD_OCTETS: usize = 1024;
 
 #[derive(Args, Debug)]
@@ -90,7 +91,8 @@ fn read_password(name: &str, file: Option<&Path>) -> anyhow::Result<String> {
         .context("no password on standard input; write it as one line, or use --password-file")
 }
 
-/// The first line without its line ending; None when there is no input.
+/// Reads the first line without its line ending; None when there is no
+/// input.
 fn first_line(mut reader: impl BufRead) -> anyhow::Result<Option<String>> {
     let mut line = String::new();
     let read = reader

@@ -15,7 +15,8 @@ use crate::smtp::connection::Line;
 use crate::smtp::reply::Reply;
 use crate::smtp::sasl;
 
-/// Why an AUTH exchange stopped before the credentials were complete.
+/// The end of an AUTH exchange that stopped before the credentials were
+/// complete.
 enum ExchangeEnd {
     /// The reply that ends the AUTH command.
     Reply(Reply),
@@ -24,8 +25,8 @@ enum ExchangeEnd {
 }
 
 impl<H: Handler> Session<H> {
-    /// The EHLO keyword, e.g. `AUTH PLAIN LOGIN`, when AUTH may be used now:
-    /// with `require_tls`, only after the TLS handshake (RFC 4954 §4, §14).
+    /// Returns the EHLO keyword, e.g. `AUTH PLAIN LOGIN`, when AUTH may be
+    /// used now. With `require_tls` that is only after the TLS handshake.
     pub(super) fn auth_extension(&self) -> Option<String> {
         let auth = self.config.auth.as_ref()?;
         if auth.require_tls && !self.client.tls {
@@ -74,10 +75,10 @@ impl<H: Handler> Session<H> {
         self.reply(reply).await
     }
 
-    /// Checks that AUTH with this mechanism may start now, in the order of
-    /// RFC 4954 §4: EHLO first, once per session, outside a transaction,
-    /// over TLS where required, with an offered mechanism, and not from a
-    /// client over the failure limit.
+    /// Checks that AUTH with this mechanism may start now: after EHLO, once
+    /// per session and outside a transaction (RFC 4954), over TLS where
+    /// required, with an offered mechanism, and from a client under the
+    /// failure limit.
     fn auth_allowed(&self, auth: &SessionAuth, flag: u64) -> Result<Mechanism, Reply> {
         if !self.client.extended {
             return Err(Reply::bad_sequence("send EHLO first"));
@@ -95,13 +96,14 @@ impl<H: Handler> Session<H> {
             return Err(Reply::unknown_auth_mechanism());
         };
         if auth.authenticator.is_blocked(self.client.peer.ip()) {
-            tracing::debug!(client = %self.client.peer.ip(), "AUTH refused: too many failures");
+            tracing::debug!(client = %self.client.peer.ip(), "AUTH rejected: too many failures");
             return Err(Reply::too_many_auth_failures());
         }
         Ok(mechanism)
     }
 
-    /// PLAIN: the initial response, or the response to an empty challenge.
+    /// Reads PLAIN credentials from the initial response, or from the
+    /// response to an empty challenge.
     async fn read_plain(&mut self, initial_response: &str) -> Result<Credentials, ExchangeEnd> {
         let message = if initial_response.is_empty() {
             self.read_response("").await?
@@ -111,8 +113,8 @@ impl<H: Handler> Session<H> {
         sasl::parse_plain(&message).map_err(ExchangeEnd::Reply)
     }
 
-    /// LOGIN: the user name (from the initial response when the client sent
-    /// one), then the password.
+    /// Reads LOGIN credentials: the user name (from the initial response when
+    /// the client sent one), then the password.
     async fn read_login(&mut self, initial_response: &str) -> Result<Credentials, ExchangeEnd> {
         let name = if initial_response.is_empty() {
             self.read_response(sasl::USERNAME_CHALLENGE).await?
@@ -158,7 +160,7 @@ impl<H: Handler> Session<H> {
         }
     }
 
-    /// With `auth.sender_must_match`, refuses a MAIL FROM of an authenticated
+    /// With `auth.sender_must_match`, rejects a MAIL FROM of an authenticated
     /// client that is not an address of its account. Returns None when the
     /// sender may be used.
     pub(super) fn check_authenticated_sender(&self, sender: Option<&Address>) -> Option<Reply> {
@@ -171,7 +173,7 @@ impl<H: Handler> Session<H> {
             client = %self.client.peer.ip(),
             account,
             sender = %sender.map(Address::to_smtp).unwrap_or_default(),
-            "sender refused: not an address of the authenticated account"
+            "sender rejected: not an address of the authenticated account"
         );
         Some(Reply::sender_not_owned())
     }
