@@ -379,6 +379,7 @@ fn measure_decisions(snapshot: &Arc<Snapshot>, mix: &[String]) -> anyhow::Result
                 &relay,
                 DirectoryView::Ready(snapshot),
                 client,
+                None,
                 black_box(&parsed[i]),
                 false,
             ));
@@ -391,6 +392,7 @@ fn measure_decisions(snapshot: &Arc<Snapshot>, mix: &[String]) -> anyhow::Result
                     &relay,
                     DirectoryView::Ready(snapshot),
                     client,
+                    None,
                     &address,
                     false,
                 ));

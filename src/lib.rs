@@ -4,6 +4,7 @@
 //! through to a downstream MTA group in real time, or spool it in a
 //! PostgreSQL queue. See docs/architecture.md for the tiers and invariants.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod delivery;

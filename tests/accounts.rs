@@ -1437,6 +1437,7 @@ async fn cli_manages_accounts_end_to_end() {
         "mailbox:     maildir:/var/mail/alice",
         "relay group: -",
         "forwards:    bob@example.org",
+        "password:    -",
         "auto-reply:  vacation, enabled, active now",
         "  window:    2025-07-01T06:00:00Z to -",
         "  interval:  12h",

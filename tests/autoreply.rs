@@ -67,6 +67,7 @@ fn account(id: i64, kind: AutoReplyKind) -> Account {
             interval: WEEK,
             enabled: true,
         }),
+        password_hash: None,
     }
 }
 

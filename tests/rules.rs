@@ -116,6 +116,7 @@ fn snapshot() -> Snapshot {
         forwards: vec![],
         relay_group: None,
         auto_reply: None,
+        password_hash: None,
     });
     snapshot
         .addresses

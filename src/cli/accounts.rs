@@ -7,7 +7,10 @@
 //! messages come from [`crate::directory::admin`] and
 //! [`crate::directory::import`]. A legacy or relay group that the
 //! configuration does not define draws a warning on stderr, because another
-//! host may define it.
+//! host may define it. `accounts password` reads the password before its
+//! transaction starts (see the `password` module).
+
+mod password;
 
 use std::path::PathBuf;
 
@@ -31,6 +34,10 @@ pub enum AccountsCommand {
         /// Account name.
         name: String,
     },
+    /// Set or remove the SMTP AUTH password of an account. The password is
+    /// read from standard input (one line; asked twice without echo on a
+    /// terminal) or from --password-file, never from the command line.
+    Password(password::PasswordArgs),
     /// Show an account (by name, or by one of its addresses) or the mailing
     /// list that owns an address.
     Show {
@@ -355,6 +362,10 @@ pub async fn run(config: Config, command: AccountsCommand) -> anyhow::Result<()>
         .get()
         .await
         .context("cannot connect to the queue database")?;
+    let command = match command {
+        AccountsCommand::Password(args) => return password::run(client, args).await,
+        other => other,
+    };
     let mut transaction = client.transaction().await?;
     execute(&config, &mut transaction, command).await?;
     transaction.commit().await?;
@@ -373,6 +384,9 @@ async fn execute(
             admin::remove_account(transaction, &name).await?;
             println!("removed account {name}");
             Ok(())
+        }
+        AccountsCommand::Password(_) => {
+            anyhow::bail!("accounts password runs outside the shared transaction")
         }
         AccountsCommand::Show { name } => show(transaction, &name).await,
         AccountsCommand::List { domain } => list_accounts(transaction, domain.as_deref()).await,
@@ -513,6 +527,15 @@ fn print_account(account: &Account) {
         account.relay_group.as_deref().unwrap_or("-")
     );
     print_values("forwards:", &account.forwards);
+    println!(
+        "{:<13}{}",
+        "password:",
+        if account.password_hash.is_some() {
+            "set"
+        } else {
+            "-"
+        }
+    );
 
     let Some(reply) = &account.auto_reply else {
         println!("{:<13}-", "auto-reply:");

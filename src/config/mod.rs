@@ -19,8 +19,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+mod auth;
 mod delivery;
 
+pub use auth::{AuthSettings, ListenerAuth, Mechanism};
 pub use delivery::{DeliveryConfig, TlsMode};
 
 use crate::policy::address::Domain;
@@ -81,6 +83,8 @@ pub struct Config {
     pub queue: Option<QueueSettings>,
     pub router: RouterConfig,
     pub delivery: DeliveryConfig,
+    /// SMTP AUTH settings shared by every listener.
+    pub auth: AuthSettings,
     /// Relay rules from the rules directory; empty when there is none.
     pub rules: std::sync::Arc<RuleSet>,
     /// The rules directory read, if any.
@@ -113,6 +117,8 @@ pub struct RouterConfig {
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// SMTP AUTH on this listener; None: AUTH is not offered.
+    pub auth: Option<ListenerAuth>,
     /// PROXY protocol from load balancers; without it every peer is the client.
     pub proxy_protocol: Option<ProxyProtocolConfig>,
 }
@@ -138,6 +144,9 @@ impl ProxyProtocolConfig {
 pub struct TlsFiles {
     pub certificate: PathBuf,
     pub key: PathBuf,
+    /// TLS starts on connect, before the greeting (RFC 8314), and STARTTLS
+    /// is not offered.
+    pub implicit: bool,
 }
 
 /// Policy for a NUL byte in message content.
@@ -266,6 +275,8 @@ struct RawConfig {
     #[serde(default)]
     directory: RawDirectory,
     #[serde(default)]
+    auth: auth::RawAuth,
+    #[serde(default)]
     log: RawLog,
 }
 
@@ -308,6 +319,7 @@ struct RawDirectory {
 struct RawListener {
     address: Text,
     tls: Option<RawTls>,
+    auth: Option<auth::RawListenerAuth>,
     proxy_protocol: Option<Spanned<RawProxyProtocol>>,
 }
 
@@ -324,6 +336,7 @@ struct RawProxyProtocol {
 struct RawTls {
     certificate: Text,
     key: Text,
+    implicit: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -628,6 +641,17 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
             "relay_domains with fallback: queue need a queue database; add a queue section or set DATABASE_URL",
         );
     }
+    if queue.is_none() {
+        for (index, listener) in listeners.iter().enumerate() {
+            if listener.auth.is_some() {
+                checker.problem(
+                    format!("listeners[{index}].auth"),
+                    0,
+                    "AUTH checks passwords in the account directory, which needs a queue database; add a queue section or set DATABASE_URL",
+                );
+            }
+        }
+    }
     if queue.is_none() && !relay.local_domains.is_empty() {
         checker.problem(
             "queue",
@@ -638,6 +662,7 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
 
     let router = convert_router(&raw.router, checker);
     let delivery = delivery::convert_delivery(&raw.delivery, checker);
+    let auth = auth::convert_auth(&raw.auth, checker);
     let second = Duration::from_secs(1);
     let directory_poll_interval = checker.duration(
         "directory.poll_interval",
@@ -662,6 +687,7 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         queue,
         router,
         delivery,
+        auth,
         rules: Default::default(),
         rules_directory: None,
         dnsbl: Vec::new(),
@@ -903,15 +929,21 @@ fn convert_listeners(raw: &[RawListener], checker: &mut Checker) -> Vec<Listener
             TlsFiles {
                 certificate: PathBuf::from(&tls.certificate.value),
                 key: PathBuf::from(&tls.key.value),
+                implicit: tls.implicit.unwrap_or(false),
             }
         });
         let proxy_protocol = listener
             .proxy_protocol
             .as_ref()
             .map(|raw| convert_proxy_protocol(index, raw, checker));
+        let auth = listener.auth.as_ref().map(|raw| {
+            let line = listener.address.referenced.line();
+            auth::convert_listener_auth(raw, index, tls.is_some(), line, checker)
+        });
         listeners.push(ListenerConfig {
             address,
             tls,
+            auth,
             proxy_protocol,
         });
     }

@@ -19,8 +19,12 @@
 //! that a concurrent change causes after the checks becomes
 //! [`AdminError::AlreadyExists`].
 //!
-//! Known gaps: passwords for SMTP AUTH are not managed here. Removing a domain
-//! removes its addresses but keeps the accounts and lists that owned them.
+//! Passwords: [`set_password_hash`] stores a hash made by
+//! [`crate::auth::password::hash_password`]; the clear password never reaches
+//! this module.
+//!
+//! Known gaps: removing a domain removes its addresses but keeps the accounts
+//! and lists that owned them.
 
 pub mod validate;
 
@@ -687,6 +691,31 @@ pub async fn set_account<C: GenericClient>(
     Ok(())
 }
 
+/// Sets the SMTP AUTH password hash of an account (an argon2 PHC string), or
+/// with `None` removes it, so the account can no longer authenticate.
+///
+/// # Errors
+///
+/// [`AdminError::NotFound`].
+pub async fn set_password_hash<C: GenericClient>(
+    client: &mut C,
+    name: &str,
+    hash: Option<&str>,
+) -> Result<(), AdminError> {
+    let transaction = client.transaction().await?;
+    let updated = transaction
+        .execute(
+            "UPDATE accounts SET password_hash = $2 WHERE name = $1",
+            &[&name, &hash],
+        )
+        .await?;
+    if updated == 0 {
+        return Err(not_found("account", name));
+    }
+    transaction.commit().await?;
+    Ok(())
+}
+
 /// Removes an account with its addresses, forwards and auto-reply.
 ///
 /// # Errors
@@ -716,7 +745,8 @@ pub async fn remove_account<C: GenericClient>(
 pub async fn show_account<C: GenericClient>(client: &C, name: &str) -> Result<Account, AdminError> {
     let row = client
         .query_opt(
-            "SELECT id, name, mailbox_kind, mailbox_target, relay_group FROM accounts WHERE name = $1",
+            "SELECT id, name, mailbox_kind, mailbox_target, relay_group, password_hash
+               FROM accounts WHERE name = $1",
             &[&name],
         )
         .await?
@@ -769,6 +799,7 @@ pub async fn show_account<C: GenericClient>(client: &C, name: &str) -> Result<Ac
         forwards,
         relay_group: row.get(4),
         auto_reply,
+        password_hash: row.get(5),
     })
 }
 

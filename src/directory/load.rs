@@ -57,7 +57,8 @@ pub async fn load_snapshot(client: &mut Client) -> Result<Snapshot, LoadError> {
     let mut account_index = HashMap::new();
     let accounts = transaction
         .query(
-            "SELECT id, name, mailbox_kind, mailbox_target, relay_group FROM accounts ORDER BY id",
+            "SELECT id, name, mailbox_kind, mailbox_target, relay_group, password_hash
+               FROM accounts ORDER BY id",
             &[],
         )
         .await?;
@@ -71,15 +72,20 @@ pub async fn load_snapshot(client: &mut Client) -> Result<Snapshot, LoadError> {
             (Some("lmtp"), Some(target)) => Some(Mailbox::Lmtp(target)),
             _ => None,
         };
+        let name: String = row.get(1);
         account_index.insert(id, snapshot.accounts.len());
+        snapshot
+            .account_names
+            .insert(name.clone(), snapshot.accounts.len() as u32);
         snapshot.accounts.push(Account {
             id,
-            name: row.get(1),
+            name,
             addresses: Vec::new(),
             mailbox,
             forwards: Vec::new(),
             relay_group: row.get(4),
             auto_reply: None,
+            password_hash: row.get(5),
         });
     }
 

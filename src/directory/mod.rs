@@ -142,6 +142,8 @@ pub struct Account {
     pub forwards: Vec<String>,
     pub relay_group: Option<String>,
     pub auto_reply: Option<AutoReply>,
+    /// Argon2 PHC string for SMTP AUTH; None: the account cannot authenticate.
+    pub password_hash: Option<String>,
 }
 
 impl Account {
@@ -201,6 +203,8 @@ pub struct Snapshot {
     pub addresses: HashMap<String, Owner>,
     pub accounts: Vec<Account>,
     pub lists: Vec<List>,
+    /// Account name to index into [`Snapshot::accounts`], for AUTH logins.
+    pub account_names: HashMap<String, u32>,
 }
 
 /// Lowercases an address for lookup. The local part is compared without
@@ -258,10 +262,33 @@ impl Snapshot {
         Lookup::Unknown { domain: entry }
     }
 
+    /// Finds the account that an AUTH login names: one of its addresses,
+    /// compared like a RCPT address (lowercase, A-label domain) but without
+    /// sub-address or catch-all matching, or else its exact name.
+    pub fn account_by_login(&self, login: &str) -> Option<&Account> {
+        if let Some(address) = login_address(login)
+            && let Some(Owner::Account(index)) = self.addresses.get(&address)
+        {
+            return self.accounts.get(*index as usize);
+        }
+        let index = self.account_names.get(login)?;
+        self.accounts.get(*index as usize)
+    }
+
     /// The number of addresses, for logs and metrics.
     pub fn address_count(&self) -> usize {
         self.addresses.len()
     }
+}
+
+/// Normalises a login that is written as an address; None when it is not one.
+fn login_address(login: &str) -> Option<String> {
+    if !login.contains('@') {
+        return None;
+    }
+    let address = crate::policy::address::Address::parse(login).ok()?;
+    address.domain().as_name()?;
+    Some(normalise_address(&address.to_smtp()))
 }
 
 /// The current snapshot, swapped atomically on reload. Empty until the first
@@ -318,6 +345,7 @@ mod tests {
             forwards: vec![],
             relay_group: None,
             auto_reply: None,
+            password_hash: Some("hash-of-alice".into()),
         });
         snapshot.accounts.push(Account {
             id: 2,
@@ -327,7 +355,10 @@ mod tests {
             forwards: vec![],
             relay_group: None,
             auto_reply: None,
+            password_hash: None,
         });
+        snapshot.account_names.insert("alice".into(), 0);
+        snapshot.account_names.insert("catcher".into(), 1);
         snapshot
             .addresses
             .insert("alice@example.com".into(), Owner::Account(0));
@@ -335,6 +366,22 @@ mod tests {
             .addresses
             .insert("@catch.example".into(), Owner::Account(1));
         snapshot
+    }
+
+    #[test]
+    fn login_by_address_or_name() {
+        let snapshot = sample();
+        let name_of = |login: &str| snapshot.account_by_login(login).map(|a| a.name.as_str());
+        assert_eq!(name_of("alice@example.com"), Some("alice"));
+        assert_eq!(name_of("Alice@EXAMPLE.com"), Some("alice"));
+        assert_eq!(name_of("alice"), Some("alice"));
+        assert_eq!(name_of("catcher"), Some("catcher"));
+        // Sub-addresses and catch-alls receive mail but are no login names.
+        assert_eq!(name_of("alice+tag@example.com"), None);
+        assert_eq!(name_of("anyone@catch.example"), None);
+        assert_eq!(name_of("@catch.example"), None);
+        assert_eq!(name_of("Alice"), None);
+        assert_eq!(name_of("nobody"), None);
     }
 
     #[test]

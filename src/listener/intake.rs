@@ -397,7 +397,7 @@ impl Handler for Intake {
         let session = SessionFacts {
             client: client.peer.ip(),
             helo: &client.helo,
-            auth: None,
+            auth: client.authenticated.as_deref(),
             tls: client.tls,
             sender: &sender,
             dnsbl: &self.dnsbl,

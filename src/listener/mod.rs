@@ -28,9 +28,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{ProxyProtocolConfig, TlsFiles};
+use crate::auth::Authenticator;
+use crate::config::{ListenerConfig, ProxyProtocolConfig, TlsFiles};
 use crate::smtp::reply::Reply;
-use crate::smtp::session::{Session, SessionConfig};
+use crate::smtp::session::{Session, SessionAuth, SessionConfig};
 use intake::{Intake, Shared};
 
 /// Counts open connections, in total and per client IP.
@@ -110,6 +111,13 @@ impl Server {
     pub async fn bind(shared: Arc<Shared>) -> anyhow::Result<Server> {
         let config = Arc::clone(&shared.config);
         let mut sockets = Vec::new();
+        // One authenticator for all listeners, so failure counts are shared.
+        let authenticator = match &shared.directory {
+            Some(directory) if config.listeners.iter().any(|l| l.auth.is_some()) => Some(Arc::new(
+                Authenticator::new(Arc::clone(directory), config.auth.clone()),
+            )),
+            _ => None,
+        };
         for listener in &config.listeners {
             let tls = match &listener.tls {
                 Some(files) => Some(load_tls(files)?),
@@ -120,6 +128,8 @@ impl Server {
                 limits: config.limits.clone(),
                 timeouts: config.timeouts.clone(),
                 tls,
+                implicit_tls: listener.tls.as_ref().is_some_and(|files| files.implicit),
+                auth: session_auth(listener, authenticator.as_ref())?,
             });
             let socket = TcpListener::bind(listener.address)
                 .await
@@ -165,6 +175,8 @@ impl Server {
             tracing::info!(
                 address = %address,
                 tls = bound.session_config.tls.is_some(),
+                implicit_tls = bound.session_config.implicit_tls,
+                auth = bound.session_config.auth.is_some(),
                 proxy_protocol = bound.proxy_protocol.is_some(),
                 "listening"
             );
@@ -322,6 +334,27 @@ async fn accept_loop(
             });
         }
     }
+}
+
+/// The AUTH settings of a listener's sessions.
+fn session_auth(
+    listener: &ListenerConfig,
+    authenticator: Option<&Arc<Authenticator>>,
+) -> anyhow::Result<Option<SessionAuth>> {
+    let Some(auth) = &listener.auth else {
+        return Ok(None);
+    };
+    let Some(authenticator) = authenticator else {
+        anyhow::bail!(
+            "listener {} offers AUTH, which needs the account directory; add a queue section",
+            listener.address
+        );
+    };
+    Ok(Some(SessionAuth {
+        mechanisms: auth.mechanisms.clone(),
+        require_tls: auth.require_tls,
+        authenticator: Arc::clone(authenticator),
+    }))
 }
 
 /// Sends a 421 to a connection over a limit and closes it.

@@ -1,24 +1,29 @@
 //! The per-recipient relay decision.
 //!
 //! [`decide_recipient`] is a pure function of the client address, the
-//! normalised recipient and the relay settings: it returns where the
+//! account the client authenticated as (SMTP AUTH), the normalised recipient
+//! and the relay settings: it returns where the
 //! recipient goes (spooled for local routing, or passed to a named downstream
 //! group) or the reply that rejects it, and always the name of the rule that
 //! decided, for the log line. It never waits on I/O.
 //!
+//! A trusted client is an authenticated one or one in a relay network. Its
+//! rule name is `authenticated[ACCOUNT]` or `relay_networks[CIDR]`, and
+//! authentication wins when both apply.
+//!
 //! The rules, first match wins:
 //! 1. `routing_characters`: a local part with `@`, `%` or `!` from a client
-//!    outside the relay networks is rejected, because a downstream MTA might
+//!    that is not trusted is rejected, because a downstream MTA might
 //!    route on it (the `%` hack, `!` paths, quoted `@`).
 //! 2. `address_literal`: a domain written as an address literal goes to the
-//!    outbound group from a relay network, and is rejected from elsewhere.
+//!    outbound group from a trusted client, and is rejected from elsewhere.
 //! 3. `postmaster`: postmaster at a local domain, and `<Postmaster>` without
 //!    a domain, are always accepted (RFC 5321 §4.5.1).
 //! 4. `local_domains`: spooled for local routing.
 //! 5. `relay_domains`: passed to the domain's group.
-//! 6. `relay_networks`: a client in a relay network may send anywhere: through
-//!    the outbound group when one is set, otherwise into the queue, whose
-//!    delivery tier sends it to the domain's MX hosts.
+//! 6. `authenticated` or `relay_networks`: a trusted client may send
+//!    anywhere: through the outbound group when one is set, otherwise into
+//!    the queue, whose delivery tier sends it to the domain's MX hosts.
 //! 7. `no_relay`: anything else is rejected with 550 5.7.1.
 //!
 //! Domains match exactly: a local domain does not cover its subdomains.
@@ -96,12 +101,14 @@ impl Decision {
 }
 
 /// Decides one recipient; see the module documentation for the rules.
-/// `bare_postmaster` is true for `<Postmaster>` written without a domain,
-/// which is always accepted for local routing (RFC 5321 §4.5.1).
+/// `authenticated` is the account name after SMTP AUTH. `bare_postmaster`
+/// is true for `<Postmaster>` written without a domain, which is always
+/// accepted for local routing (RFC 5321 §4.5.1).
 pub fn decide_recipient(
     relay: &RelayConfig,
     directory: DirectoryView<'_>,
     client: IpAddr,
+    authenticated: Option<&str>,
     recipient: &Address,
     bare_postmaster: bool,
 ) -> Decision {
@@ -109,22 +116,25 @@ pub fn decide_recipient(
         return Decision::accept(Route::Local, "postmaster");
     }
     let client = canonical_ip(client);
-    let trusted_network = relay
-        .relay_networks
-        .iter()
-        .find(|network| network.contains(&client));
+    let trusted = match authenticated {
+        Some(account) => Some(Trust::Authenticated(account)),
+        None => relay
+            .relay_networks
+            .iter()
+            .find(|network| network.contains(&client))
+            .map(Trust::Network),
+    };
 
-    if recipient.has_routing_characters() && trusted_network.is_none() {
+    if recipient.has_routing_characters() && trusted.is_none() {
         return Decision::reject(Reply::routing_characters_denied(), "routing_characters");
     }
 
     let name = match recipient.domain() {
         Domain::Literal(_) => {
-            return match (trusted_network, &relay.outbound_group) {
-                (Some(network), Some(group)) => Decision::accept(
-                    Route::Group(group.clone()),
-                    format!("relay_networks[{network}]"),
-                ),
+            return match (trusted, &relay.outbound_group) {
+                (Some(trust), Some(group)) => {
+                    Decision::accept(Route::Group(group.clone()), trust.rule())
+                }
                 _ => Decision::reject(Reply::relay_denied(), "address_literal"),
             };
         }
@@ -161,16 +171,33 @@ pub fn decide_recipient(
             format!("relay_domains[{name}]"),
         );
     }
-    match (trusted_network, &relay.outbound_group, directory) {
-        (Some(network), Some(group), _) => Decision::accept(
-            Route::Group(group.clone()),
-            format!("relay_networks[{network}]"),
-        ),
+    match (trusted, &relay.outbound_group, directory) {
+        (Some(trust), Some(group), _) => {
+            Decision::accept(Route::Group(group.clone()), trust.rule())
+        }
         // Without a queue there is nowhere to keep the message for MX delivery.
-        (Some(network), None, DirectoryView::Loading | DirectoryView::Ready(_)) => {
-            Decision::accept(Route::Local, format!("relay_networks[{network}]"))
+        (Some(trust), None, DirectoryView::Loading | DirectoryView::Ready(_)) => {
+            Decision::accept(Route::Local, trust.rule())
         }
         _ => Decision::reject(Reply::relay_denied(), "no_relay"),
+    }
+}
+
+/// The reason a client may relay to any domain.
+#[derive(Clone, Copy, Debug)]
+enum Trust<'a> {
+    /// The client authenticated as this account.
+    Authenticated(&'a str),
+    /// The client is in this relay network.
+    Network(&'a ipnet::IpNet),
+}
+
+impl Trust<'_> {
+    fn rule(self) -> String {
+        match self {
+            Trust::Authenticated(account) => format!("authenticated[{account}]"),
+            Trust::Network(network) => format!("relay_networks[{network}]"),
+        }
     }
 }
 
@@ -235,7 +262,14 @@ pub fn decide(
     if recipient.is_postmaster() {
         // Postmaster at a local domain is accepted whatever the rules say
         // (RFC 5321 §4.5.1).
-        let built_in = decide_recipient(relay, directory, session.client, recipient, false);
+        let built_in = decide_recipient(
+            relay,
+            directory,
+            session.client,
+            session.auth,
+            recipient,
+            false,
+        );
         if built_in.rule == "postmaster" {
             return built_in;
         }
@@ -256,7 +290,14 @@ pub fn decide(
             return rule_decision(relay, directory, recipient, found);
         }
     }
-    decide_recipient(relay, directory, session.client, recipient, bare_postmaster)
+    decide_recipient(
+        relay,
+        directory,
+        session.client,
+        session.auth,
+        recipient,
+        bare_postmaster,
+    )
 }
 
 /// Turns a rule match into a decision: the rule's action, or `451 4.4.3`
@@ -391,11 +432,21 @@ mod tests {
     }
 
     fn decide_with(directory: DirectoryView<'_>, client: &str, recipient: &str) -> Decision {
+        decide_as(directory, client, None, recipient)
+    }
+
+    fn decide_as(
+        directory: DirectoryView<'_>,
+        client: &str,
+        authenticated: Option<&str>,
+        recipient: &str,
+    ) -> Decision {
         let address = Address::parse(recipient).expect("valid address");
         decide_recipient(
             &relay_config(),
             directory,
             client.parse().expect("ip"),
+            authenticated,
             &address,
             false,
         )
@@ -429,6 +480,7 @@ mod tests {
                 forwards: vec![],
                 relay_group: None,
                 auto_reply: None,
+                password_hash: None,
             });
             snapshot
                 .addresses
@@ -476,6 +528,69 @@ mod tests {
             "postmaster@example.com",
         );
         assert_eq!(decision.kind(), "local", "postmaster never waits");
+    }
+
+    #[test]
+    fn authenticated_clients_relay_anywhere() {
+        let cases = [
+            (
+                "127.0.0.2",
+                "carol@example.org",
+                "relay",
+                "authenticated[alice]",
+            ),
+            (
+                "127.0.0.1",
+                "carol@example.org",
+                "relay",
+                "authenticated[alice]",
+            ),
+            (
+                "127.0.0.2",
+                "user%example.org@example.net",
+                "relay",
+                "relay_domains[example.net]",
+            ),
+            (
+                "127.0.0.2",
+                "user@[192.0.2.1]",
+                "relay",
+                "authenticated[alice]",
+            ),
+            ("127.0.0.2", "bob@example.com", "local", "local_domains"),
+        ];
+        for (client, recipient, kind, rule) in cases {
+            let decision = decide_as(DirectoryView::Absent, client, Some("alice"), recipient);
+            assert_eq!(decision.kind(), kind, "{client} {recipient}");
+            assert_eq!(decision.rule, rule, "{client} {recipient}");
+        }
+
+        // Without a queue there is no route to MX hosts, so an authenticated
+        // client with no outbound group is refused as before.
+        let mut relay = relay_config();
+        relay.outbound_group = None;
+        let address = Address::parse("carol@example.org").expect("address");
+        let client = "127.0.0.2".parse().expect("ip");
+        let decision = decide_recipient(
+            &relay,
+            DirectoryView::Absent,
+            client,
+            Some("alice"),
+            &address,
+            false,
+        );
+        assert_eq!(decision.rule, "no_relay");
+        let snapshot = Snapshot::default();
+        let decision = decide_recipient(
+            &relay,
+            DirectoryView::Ready(&snapshot),
+            client,
+            Some("alice"),
+            &address,
+            false,
+        );
+        assert_eq!(decision.kind(), "local");
+        assert_eq!(decision.rule, "authenticated[alice]");
     }
 
     #[test]

@@ -31,6 +31,7 @@ fn account(
         forwards: forwards.iter().map(|a| a.to_string()).collect(),
         relay_group: None,
         auto_reply: None,
+        password_hash: None,
     });
     for address in addresses {
         snapshot

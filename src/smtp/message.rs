@@ -86,10 +86,13 @@ pub fn received_header(
     client: &ClientInfo,
     envelope: &Envelope,
 ) -> Vec<u8> {
-    let protocol = match (client.extended, client.tls) {
-        (false, _) => "SMTP",
-        (true, false) => "ESMTP",
-        (true, true) => "ESMTPS",
+    // RFC 3848: S for TLS, A for an authenticated client.
+    let protocol = match (client.extended, client.tls, client.authenticated.is_some()) {
+        (false, _, _) => "SMTP",
+        (true, false, false) => "ESMTP",
+        (true, true, false) => "ESMTPS",
+        (true, false, true) => "ESMTPA",
+        (true, true, true) => "ESMTPSA",
     };
     let protocol = if envelope.parameters.smtputf8 {
         format!("UTF8{protocol}")

@@ -8,4 +8,5 @@ pub mod data;
 pub mod envelope;
 pub mod message;
 pub mod reply;
+pub mod sasl;
 pub mod session;

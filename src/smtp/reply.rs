@@ -279,6 +279,108 @@ impl Reply {
         )
     }
 
+    // --- Authentication (RFC 4954) -------------------------------------------
+
+    /// A SASL challenge, base64 encoded; `334 ` with an empty one. Challenges
+    /// carry no enhanced status code (RFC 4954).
+    pub fn auth_challenge(base64: &str) -> Reply {
+        Reply {
+            code: 334,
+            enhanced: None,
+            lines: vec![base64.to_string()],
+        }
+    }
+
+    pub fn auth_succeeded() -> Reply {
+        Reply::new(235, Enhanced(2, 7, 0), "Authentication succeeded")
+    }
+
+    pub fn auth_failed() -> Reply {
+        Reply::new(535, Enhanced(5, 7, 8), "Authentication credentials invalid")
+    }
+
+    /// The client sent `*` in place of a response (RFC 4954).
+    pub fn auth_cancelled() -> Reply {
+        Reply::new(501, Enhanced(5, 0, 0), "Authentication cancelled")
+    }
+
+    pub fn auth_invalid_base64() -> Reply {
+        Reply::new(
+            501,
+            Enhanced(5, 5, 2),
+            "Cannot decode the response: invalid base64",
+        )
+    }
+
+    /// A response that decodes but is not what the mechanism expects.
+    pub fn auth_malformed_response(detail: &str) -> Reply {
+        Reply::new(
+            501,
+            Enhanced(5, 5, 2),
+            format!("Malformed authentication response: {detail}"),
+        )
+    }
+
+    pub fn auth_line_too_long(max: usize) -> Reply {
+        Reply::new(
+            500,
+            Enhanced(5, 5, 6),
+            format!("Authentication exchange line is too long (maximum {max} octets)"),
+        )
+    }
+
+    pub fn already_authenticated() -> Reply {
+        Reply::new(503, Enhanced(5, 5, 1), "Already authenticated")
+    }
+
+    pub fn auth_during_transaction() -> Reply {
+        Reply::new(
+            503,
+            Enhanced(5, 5, 1),
+            "AUTH is not allowed during a mail transaction",
+        )
+    }
+
+    /// RFC 4954 §6: the mechanism may only be used over an encrypted connection.
+    pub fn encryption_required() -> Reply {
+        Reply::new(
+            538,
+            Enhanced(5, 7, 11),
+            "Encryption required for requested authentication mechanism",
+        )
+    }
+
+    pub fn unknown_auth_mechanism() -> Reply {
+        Reply::new(504, Enhanced(5, 5, 4), "Unrecognized authentication type")
+    }
+
+    pub fn too_many_auth_failures() -> Reply {
+        Reply::new(
+            454,
+            Enhanced(4, 7, 0),
+            "too many authentication failures, try later",
+        )
+    }
+
+    /// RFC 4954 §6: a temporary server failure, here an unloaded directory.
+    pub fn auth_temporarily_unavailable() -> Reply {
+        Reply::new(
+            454,
+            Enhanced(4, 7, 0),
+            "Temporary authentication failure, try again later",
+        )
+    }
+
+    /// MAIL FROM of an authenticated client that is not one of its account's
+    /// addresses.
+    pub fn sender_not_owned() -> Reply {
+        Reply::new(
+            553,
+            Enhanced(5, 7, 1),
+            "sender address not owned by the authenticated user",
+        )
+    }
+
     // --- Limits --------------------------------------------------------------
 
     pub fn message_too_large(max: u64) -> Reply {
@@ -587,6 +689,33 @@ mod tests {
             Reply::relay_denied().to_wire(),
             "550 5.7.1 Relay access denied\r\n"
         );
+    }
+
+    #[test]
+    fn auth_challenges_have_no_enhanced_code() {
+        assert_eq!(Reply::auth_challenge("").to_wire(), "334 \r\n");
+        assert_eq!(
+            Reply::auth_challenge("VXNlcm5hbWU6").to_wire(),
+            "334 VXNlcm5hbWU6\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_replies_carry_rfc_4954_codes() {
+        let cases = [
+            (Reply::auth_succeeded(), 235, Enhanced(2, 7, 0)),
+            (Reply::auth_failed(), 535, Enhanced(5, 7, 8)),
+            (Reply::auth_cancelled(), 501, Enhanced(5, 0, 0)),
+            (Reply::auth_invalid_base64(), 501, Enhanced(5, 5, 2)),
+            (Reply::auth_line_too_long(10), 500, Enhanced(5, 5, 6)),
+            (Reply::encryption_required(), 538, Enhanced(5, 7, 11)),
+            (Reply::unknown_auth_mechanism(), 504, Enhanced(5, 5, 4)),
+            (Reply::too_many_auth_failures(), 454, Enhanced(4, 7, 0)),
+        ];
+        for (reply, code, enhanced) in cases {
+            assert_eq!(reply.code(), code, "{}", reply.summary());
+            assert_eq!(reply.enhanced(), Some(enhanced), "{}", reply.summary());
+        }
     }
 
     #[test]

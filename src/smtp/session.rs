@@ -9,6 +9,10 @@
 //!
 //! Phases are types: a transaction only exists inside [`Phase::Transaction`],
 //! so RCPT before MAIL or DATA outside a transaction cannot be represented.
+//! Authentication (AUTH, in the child module `auth`) is a fact about the
+//! client, [`ClientInfo::authenticated`], which lasts until STARTTLS.
+
+mod auth;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,7 +27,8 @@ use super::connection::{Connection, InputError, Line, Stream};
 use super::envelope::{Envelope, MailParameters, Notify, Recipient};
 use super::message::{self, MessageOutcome};
 use super::reply::Reply;
-use crate::config::{Limits, Timeouts};
+use crate::auth::Authenticator;
+use crate::config::{Limits, Mechanism, Timeouts};
 use crate::policy::address::Address;
 
 /// Settings shared by all sessions of a listener.
@@ -32,9 +37,24 @@ pub struct SessionConfig {
     pub limits: Limits,
     pub timeouts: Timeouts,
     pub tls: Option<TlsAcceptor>,
+    /// The TLS handshake happens on connect, before the greeting (RFC 8314).
+    /// Needs `tls`.
+    pub implicit_tls: bool,
+    /// SMTP AUTH; None when the listener does not offer it.
+    pub auth: Option<SessionAuth>,
 }
 
-/// Facts about the client, fixed for the whole connection except TLS and HELO.
+/// SMTP AUTH on one listener.
+pub struct SessionAuth {
+    /// Offered mechanisms, in EHLO order.
+    pub mechanisms: Vec<Mechanism>,
+    /// AUTH is offered and accepted only over TLS.
+    pub require_tls: bool,
+    pub authenticator: Arc<Authenticator>,
+}
+
+/// Facts about the client, fixed for the whole connection except TLS, HELO
+/// and authentication.
 #[derive(Clone, Debug)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
@@ -43,6 +63,8 @@ pub struct ClientInfo {
     pub helo: String,
     pub extended: bool,
     pub tls: bool,
+    /// The account name after a successful AUTH.
+    pub authenticated: Option<String>,
 }
 
 /// Interface between the session and the code that routes and stores mail.
@@ -141,6 +163,7 @@ impl<H: Handler> Session<H> {
                 helo: String::new(),
                 extended: false,
                 tls: false,
+                authenticated: None,
             },
             handler,
             phase: Phase::Connected,
@@ -154,10 +177,15 @@ impl<H: Handler> Session<H> {
     /// Runs the session to its end and logs one line for the connection.
     pub async fn run(mut self) {
         let started = Instant::now();
-        let greeting = Reply::greeting(&self.config.hostname);
-        let end = match self.reply(greeting).await {
-            Flow::Continue => self.command_loop().await,
-            Flow::Close => "write failed".to_string(),
+        let end = match self.start_implicit_tls().await {
+            Err(reason) => reason,
+            Ok(()) => {
+                let greeting = Reply::greeting(&self.config.hostname);
+                match self.reply(greeting).await {
+                    Flow::Continue => self.command_loop().await,
+                    Flow::Close => "write failed".to_string(),
+                }
+            }
         };
         if let Phase::Transaction(_) = self.phase {
             self.handler.abort_message().await;
@@ -168,6 +196,7 @@ impl<H: Handler> Session<H> {
             client = %self.client.peer.ip(),
             helo = %self.client.helo,
             tls = self.client.tls,
+            account = self.client.authenticated.as_deref().unwrap_or(""),
             transactions = self.transactions,
             errors = self.errors,
             duration_ms = started.elapsed().as_millis() as u64,
@@ -276,7 +305,7 @@ impl<H: Handler> Session<H> {
             Request::Helo { host } => self.handle_hello(host.into_owned(), false).await,
             Request::Mail { from } => {
                 let envid = from.env_id.as_ref().map(|e| e.to_string());
-                let unsupported = unsupported_mail_parameter(&from);
+                let unsupported = unsupported_mail_parameter(&from, self.config.auth.is_some());
                 let parameters = MailParameters::from_flags(from.flags, from.size, envid);
                 let reply = match (unsupported, parameters) {
                     (Some(name), _) | (None, Err(name)) => Reply::unsupported_parameter(name),
@@ -311,6 +340,10 @@ impl<H: Handler> Session<H> {
                 Flow::Close
             }
             Request::StartTls => self.handle_starttls().await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.handle_auth(mechanism, &initial_response).await,
             other => self.reply(Reply::not_implemented(other.name())).await,
         }
     }
@@ -344,6 +377,9 @@ impl<H: Handler> Session<H> {
         if self.config.tls.is_some() && !self.client.tls {
             extensions.push("STARTTLS".to_string());
         }
+        if let Some(auth) = self.auth_extension() {
+            extensions.push(auth);
+        }
         extensions
     }
 
@@ -371,6 +407,9 @@ impl<H: Handler> Session<H> {
         // RFC 6531 §3.4: a non-ASCII address needs SMTPUTF8 on MAIL.
         if !address.is_ascii() && !parameters.smtputf8 {
             return Reply::smtputf8_not_negotiated();
+        }
+        if let Some(reply) = self.check_authenticated_sender(sender.as_ref()) {
+            return reply;
         }
         let envelope = Envelope {
             id: uuid::Uuid::now_v7(),
@@ -618,6 +657,32 @@ impl<H: Handler> Session<H> {
         }
     }
 
+    /// On an implicit-TLS listener, runs the TLS handshake before the
+    /// greeting (RFC 8314); elsewhere does nothing. Returns why the
+    /// session ends when the handshake fails.
+    async fn start_implicit_tls(&mut self) -> Result<(), String> {
+        if !self.config.implicit_tls {
+            return Ok(());
+        }
+        let (Some(acceptor), Some(plain)) =
+            (self.config.tls.clone(), self.connection.take_plain_stream())
+        else {
+            tracing::error!(client = %self.client.peer.ip(), "implicit TLS listener without a TLS configuration");
+            return Err("no TLS configuration".to_string());
+        };
+        let handshake =
+            tokio::time::timeout(self.config.timeouts.tls_handshake, acceptor.accept(plain)).await;
+        match handshake {
+            Ok(Ok(tls)) => {
+                self.connection.set_stream(Stream::Tls(Box::new(tls)));
+                self.client.tls = true;
+                Ok(())
+            }
+            Ok(Err(error)) => Err(format!("TLS handshake failed: {error}")),
+            Err(_) => Err("TLS handshake timed out".to_string()),
+        }
+    }
+
     async fn handle_starttls(&mut self) -> Flow {
         let Some(acceptor) = self.config.tls.clone() else {
             return self.reply(Reply::not_implemented("STARTTLS")).await;
@@ -648,11 +713,13 @@ impl<H: Handler> Session<H> {
             Ok(Ok(tls)) => {
                 self.connection.set_stream(Stream::Tls(Box::new(tls)));
                 self.client.tls = true;
-                // RFC 3207 §4.2: the session starts over, EHLO included.
+                // RFC 3207 §4.2: the session starts over, EHLO and AUTH
+                // included.
                 self.end_transaction().await;
                 self.phase = Phase::Connected;
                 self.client.helo.clear();
                 self.client.extended = false;
+                self.client.authenticated = None;
                 Flow::Continue
             }
             Ok(Err(error)) => {
@@ -681,8 +748,12 @@ fn parse_error_reply(error: &ParseError) -> Reply {
 }
 
 /// Names a MAIL parameter that smtp-proto parsed but wsmtp does not offer.
+/// An AUTH= parameter is read and discarded on a listener that offers AUTH,
+/// because RFC 4954 §5 allows a server to treat every client as not trusted
+/// to name the original submitter.
 fn unsupported_mail_parameter(
     from: &smtp_proto::MailFrom<std::borrow::Cow<'_, str>>,
+    auth_offered: bool,
 ) -> Option<&'static str> {
     use smtp_proto::*;
     let offered = MAIL_BODY_7BIT
@@ -694,7 +765,7 @@ fn unsupported_mail_parameter(
     if from.flags & !offered != 0 {
         return Some("(extension not offered)");
     }
-    if from.auth.is_some() {
+    if from.auth.is_some() && !auth_offered {
         return Some("AUTH");
     }
     if from.trans_id.is_some() || from.by != 0 || from.solicit.is_some() || from.mtrk.is_some() {

@@ -26,6 +26,10 @@ pub struct TestConfig {
     pub timeouts: String,
     /// YAML for the listener's `tls:` key, e.g. `{certificate: a, key: b}`.
     pub tls: Option<String>,
+    /// YAML for the listener's `auth:` key, e.g. `{require_tls: false}`.
+    pub auth: Option<String>,
+    /// YAML lines under the top-level `auth:` section.
+    pub auth_settings: String,
 }
 
 impl TestConfig {
@@ -36,6 +40,8 @@ impl TestConfig {
             limits: String::new(),
             timeouts: String::new(),
             tls: None,
+            auth: None,
+            auth_settings: String::new(),
         }
     }
 
@@ -55,6 +61,32 @@ impl TestConfig {
             certificate.display(),
             key.display()
         ));
+        self
+    }
+
+    /// Like [`TestConfig::tls`], with the handshake on connect (RFC 8314).
+    pub fn implicit_tls(
+        mut self,
+        certificate: &std::path::Path,
+        key: &std::path::Path,
+    ) -> TestConfig {
+        self.tls = Some(format!(
+            "{{certificate: '{}', key: '{}', implicit: true}}",
+            certificate.display(),
+            key.display()
+        ));
+        self
+    }
+
+    /// Offers AUTH on the listener; `yaml` is the value of its `auth:` key.
+    pub fn auth(mut self, yaml: &str) -> TestConfig {
+        self.auth = Some(yaml.to_string());
+        self
+    }
+
+    /// YAML lines under the top-level `auth:` section, each indented by two spaces.
+    pub fn auth_settings(mut self, yaml: &str) -> TestConfig {
+        self.auth_settings = yaml.to_string();
         self
     }
 
@@ -80,6 +112,16 @@ impl TestConfig {
             .as_ref()
             .map(|tls| format!("    tls: {tls}\n"))
             .unwrap_or_default();
+        let listener_auth = self
+            .auth
+            .as_ref()
+            .map(|auth| format!("    auth: {auth}\n"))
+            .unwrap_or_default();
+        let auth_settings = if self.auth_settings.is_empty() {
+            String::new()
+        } else {
+            format!("auth:\n{}", self.auth_settings)
+        };
         let local = if database_url.is_some() {
             "[example.com]"
         } else {
@@ -90,7 +132,7 @@ impl TestConfig {
             .unwrap_or_default();
         format!(
             "hostname: mx.test.example\n\
-             listeners:\n  - address: 127.0.0.1:0\n{tls}\
+             listeners:\n  - address: 127.0.0.1:0\n{tls}{listener_auth}{auth_settings}\
              limits:\n{limits}\
              timeouts:\n  shutdown_grace: 5s\n{timeouts}\
              relay:\n  local_domains: {local}\n  \

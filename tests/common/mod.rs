@@ -8,3 +8,4 @@ pub mod dns;
 pub mod harness;
 pub mod routed;
 pub mod sink;
+pub mod tls;
