@@ -672,10 +672,15 @@ record_stages() {
 }
 
 # Records the sequential scans of the deliveries table during a run. Call
-# it after wsmtp has stopped, when its backends have reported their
-# statistics. Arguments: key, run.
+# it after wsmtp has stopped. Backends report their statistics when they
+# exit, so it first waits up to 5 s for wsmtp's connections to end.
+# Arguments: key, run.
 record_scans() {
-    local scans
+    local scans i
+    for ((i = 0; i < 50; i++)); do
+        [[ $(bench_sql "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()") == 0 ]] && break
+        sleep 0.1
+    done
     scans=$(bench_sql "SELECT seq_scan || ' ' || seq_tup_read FROM pg_stat_user_tables WHERE relname = 'deliveries'") || return 0
     record "$1.deliveries.seq_scan" "$2" "${scans% *}"
     record "$1.deliveries.seq_tup_read" "$2" "${scans#* }"
@@ -697,7 +702,8 @@ wait_for_delivery() {
             DELIVERED_AT=$EPOCHREALTIME
             return 0
         fi
-        sleep 0.1
+        # A sleep ended by a signal must not end the script through set -e.
+        sleep 0.1 || true
     done
     return 1
 }
@@ -824,6 +830,10 @@ verdict_at_least() {
 
 or_na() {
     if [[ -n $1 ]]; then echo "$1"; else echo "n/a"; fi
+}
+
+or_none() {
+    if [[ -n $1 ]]; then echo "$1"; else echo "no finished run"; fi
 }
 
 kib_to_mib() {
@@ -978,10 +988,10 @@ each run:
 
 | Series | msg/s | p50 / p99 latency (s) | Load average |
 |---|---|---|---|
-| wsmtp end to end, 1 rcpt | $(values d.rcpt1.wsmtp.rate) | $(latency_values d.rcpt1.wsmtp) | $(values d.rcpt1.wsmtp.load %.2f) |
-| Postfix end to end, 1 rcpt | $(values d.rcpt1.postfix.rate) | $(latency_values d.rcpt1.postfix) | $(values d.rcpt1.postfix.load %.2f) |
-| wsmtp end to end, 10 rcpt | $(values d.rcpt10.wsmtp.rate) | $(latency_values d.rcpt10.wsmtp) | $(values d.rcpt10.wsmtp.load %.2f) |
-| Postfix end to end, 10 rcpt | $(values d.rcpt10.postfix.rate) | $(latency_values d.rcpt10.postfix) | $(values d.rcpt10.postfix.load %.2f) |
+| wsmtp end to end, 1 rcpt | $(or_none "$(values d.rcpt1.wsmtp.rate)") | $(or_none "$(latency_values d.rcpt1.wsmtp)") | $(values d.rcpt1.wsmtp.load %.2f) |
+| Postfix end to end, 1 rcpt | $(or_none "$(values d.rcpt1.postfix.rate)") | $(or_none "$(latency_values d.rcpt1.postfix)") | $(values d.rcpt1.postfix.load %.2f) |
+| wsmtp end to end, 10 rcpt | $(or_none "$(values d.rcpt10.wsmtp.rate)") | $(or_none "$(latency_values d.rcpt10.wsmtp)") | $(values d.rcpt10.wsmtp.load %.2f) |
+| Postfix end to end, 10 rcpt | $(or_none "$(values d.rcpt10.postfix.rate)") | $(or_none "$(latency_values d.rcpt10.postfix)") | $(values d.rcpt10.postfix.load %.2f) |
 
 Where wsmtp's time went (medians over the runs, seconds). The last three
 columns are counted from the first "spooled" line of the run; "spooled to
