@@ -201,6 +201,10 @@ async fn maintain_queue(
         }
     }
 
+    tokio::spawn(crate::queue::statistics::keep_statistics(
+        queue.clone(),
+        shutdown.clone(),
+    ));
     if let Some(settings) = &config.queue {
         tokio::spawn(directory::watch(
             settings.database.url.clone(),

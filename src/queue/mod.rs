@@ -52,6 +52,7 @@ mod generated;
 mod inspect;
 mod json;
 mod schema;
+pub mod statistics;
 mod upkeep;
 mod writer;
 
