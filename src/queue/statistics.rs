@@ -4,9 +4,10 @@
 //! seconds of a burst. Every pooled connection caches the plans of its
 //! prepared statements, and a plan made while a table looked empty scans
 //! the whole table (a sequential scan is the cheapest way to read ten
-//! pages). PostgreSQL replans only after the table's statistics change, and
-//! autovacuum analyzes a table at most once per `autovacuum_naptime`
-//! (1 minute by default) and only after 10 % of it changed. Until then every
+//! pages). PostgreSQL replans only after the table's statistics change.
+//! With PostgreSQL 15's defaults, autovacuum looks at a database once a
+//! minute (`autovacuum_naptime`) and analyzes a table only after 10 % of it
+//! changed (`autovacuum_analyze_scale_factor`). Until then every
 //! claim and record statement scans the whole table: on a 2-core machine
 //! that made PostgreSQL spend about 3 times longer per message than with
 //! fresh statistics.
