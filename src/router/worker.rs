@@ -1,5 +1,7 @@
 //! Router workers: claim spooled messages, resolve their recipients and
-//! write the deliveries, all of one message in one transaction.
+//! write the deliveries, for all messages of a claim in one transaction.
+//! When that transaction fails, each message of the claim is routed in a
+//! transaction of its own, so one message's problem does not delay the others.
 //!
 //! Claims follow the lease pattern: one statement locks up to N messages
 //! with queued recipients (`FOR NO KEY UPDATE SKIP LOCKED`, so two routers
@@ -185,12 +187,175 @@ impl Router {
         };
         let claimed = self.claim().await?;
         let count = claimed.len();
+        if count == 0 {
+            return Ok(0);
+        }
+        if count > 1 {
+            match self.route_together(&claimed).await {
+                Ok(()) => return Ok(count),
+                // One message's problem (a lease taken over, a failed
+                // auto-reply) rolled the whole claim back. Routing each
+                // message on its own confines the problem to that message.
+                Err(error) => {
+                    tracing::info!(messages = count, error = %error, "routing the claim in one transaction failed; routing its messages one by one")
+                }
+            }
+        }
         for (message_id, recipients) in claimed {
             if let Err(error) = self.route_message(message_id, recipients).await {
                 tracing::warn!(queue_id = %message_id.simple(), error = %error, "message not routed; its lease will expire and it is retried");
             }
         }
         Ok(count)
+    }
+
+    /// Routes every claimed message in one transaction: one commit and a
+    /// fixed number of statements for the whole claim, where routing message
+    /// by message costs a transaction each.
+    async fn route_together(
+        &self,
+        claimed: &BTreeMap<QueueId, Vec<Claimed>>,
+    ) -> Result<(), RouterError> {
+        let started = Instant::now();
+        let snapshot = self
+            .directory
+            .snapshot()
+            .ok_or(RouterError::DirectoryNotLoaded)?;
+        let mut client = self.queue.pool().get().await?;
+        let ids: Vec<QueueId> = claimed.keys().copied().collect();
+        let mut stored = self.messages_facts(&client, &ids).await?;
+
+        let mut routed = Vec::with_capacity(claimed.len());
+        for (message_id, recipients) in claimed {
+            let Some(facts) = stored.remove(message_id) else {
+                // Deleted since the claim (by `queue delete`): nothing to route.
+                continue;
+            };
+            let delivered_to = delivered_to_addresses(&facts.headers);
+            let envelope: Vec<EnvelopeRecipient> =
+                recipients.iter().map(|c| c.recipient.clone()).collect();
+            let routing = resolve_message(
+                &snapshot,
+                &MessageFacts {
+                    sender: &facts.sender,
+                    delivered_to: &delivered_to,
+                },
+                &envelope,
+                ResolveLimits {
+                    max_depth: self.settings.max_depth,
+                },
+                ConfiguredRoutes {
+                    relay_domains: &self.settings.relay_domains,
+                    outbound_group: self.settings.outbound_group.as_deref(),
+                },
+            );
+            routed.push((*message_id, recipients.as_slice(), facts, routing));
+        }
+
+        let transaction = client.transaction().await?;
+        let planned: Vec<(QueueId, &MessageRouting)> = routed
+            .iter()
+            .map(|(id, _, _, routing)| (*id, routing))
+            .collect();
+        let batches = write_deliveries(&transaction, &planned, self.settings.batch_size).await?;
+        for (message_id, _, facts, routing) in &mut routed {
+            self.send_auto_replies(&transaction, *message_id, facts, &snapshot, routing)
+                .await?;
+        }
+        let marked: Vec<(&[Claimed], &MessageRouting)> = routed
+            .iter()
+            .map(|(_, recipients, _, routing)| (*recipients, routing))
+            .collect();
+        let expected: usize = routed.iter().map(|(_, r, _, _)| r.len()).sum();
+        let updated = mark_recipients(&transaction, &self.owner, &marked).await?;
+        if updated != expected as u64 {
+            transaction.rollback().await?;
+            return Err(RouterError::LeaseLost(format!(
+                "one of {} claimed messages",
+                routed.len()
+            )));
+        }
+        for (message_id, recipients, facts, routing) in &routed {
+            self.bounce_failures(
+                &transaction,
+                *message_id,
+                &facts.sender,
+                recipients,
+                routing,
+            )
+            .await?;
+        }
+        let finished: Vec<QueueId> = routed
+            .iter()
+            .filter(|(_, _, _, routing)| routing.deliveries.is_empty())
+            .map(|(id, _, _, _)| *id)
+            .collect();
+        if !finished.is_empty() {
+            complete_messages(&transaction, &finished).await?;
+        }
+        transaction.commit().await?;
+        if let (Some(wake), true) = (&self.delivery_wake, finished.len() < routed.len()) {
+            wake.notify_one();
+        }
+
+        let duration_ms = started.elapsed().as_millis() as u64;
+        for (message_id, recipients, _, routing) in &routed {
+            log_routing(*message_id, recipients.len(), routing, duration_ms);
+        }
+        tracing::debug!(
+            messages = routed.len(),
+            batches,
+            duration_ms,
+            "claim routed in one transaction"
+        );
+        Ok(())
+    }
+
+    /// Reads sender, size and header section of several messages with one
+    /// query. A header section longer than the first chunk is read chunk by
+    /// chunk, as [`Self::message_facts`] does.
+    async fn messages_facts(
+        &self,
+        client: &deadpool_postgres::Object,
+        ids: &[QueueId],
+    ) -> Result<std::collections::HashMap<QueueId, StoredFacts>, RouterError> {
+        let statement = client
+            .prepare_cached(
+                "SELECT m.id, m.sender, m.size, m.smtputf8, m.chunk_count,
+                        substring(c.data FROM 1 FOR $2)
+                   FROM messages m
+                   LEFT JOIN message_chunks c ON c.message_id = m.id AND c.seq = 0
+                  WHERE m.id = ANY($1)",
+            )
+            .await?;
+        let rows = client
+            .query(&statement, &[&ids, &(MAX_HEADER_BYTES as i32)])
+            .await?;
+        let mut facts = std::collections::HashMap::with_capacity(rows.len());
+        for row in rows {
+            let id: QueueId = row.get(0);
+            let chunk_count: Option<i32> = row.get(4);
+            let mut headers: Vec<u8> = row.get::<_, Option<Vec<u8>>>(5).unwrap_or_default();
+            match header_end(&headers) {
+                Some(end) => headers.truncate(end),
+                None if chunk_count.unwrap_or(0) > 1 && headers.len() < MAX_HEADER_BYTES => {
+                    facts.insert(id, self.message_facts(client, id).await?);
+                    continue;
+                }
+                None => {}
+            }
+            let size: Option<i64> = row.get(2);
+            facts.insert(
+                id,
+                StoredFacts {
+                    sender: row.get(1),
+                    headers,
+                    size: size.unwrap_or(0).max(0) as u64,
+                    smtputf8: row.get(3),
+                },
+            );
+        }
+        Ok(facts)
     }
 
     /// Claims up to `claim_messages` messages: every queued recipient of
@@ -332,11 +497,16 @@ impl Router {
         );
 
         let transaction = client.transaction().await?;
-        let batches =
-            write_deliveries(&transaction, message_id, &routing, self.settings.batch_size).await?;
+        let batches = write_deliveries(
+            &transaction,
+            &[(message_id, &routing)],
+            self.settings.batch_size,
+        )
+        .await?;
         self.send_auto_replies(&transaction, message_id, &stored, &snapshot, &mut routing)
             .await?;
-        let updated = mark_recipients(&transaction, &self.owner, &claimed, &routing).await?;
+        let updated =
+            mark_recipients(&transaction, &self.owner, &[(claimed.as_slice(), &routing)]).await?;
         if updated != claimed.len() as u64 {
             transaction.rollback().await?;
             return Err(RouterError::LeaseLost(message_id.simple().to_string()));
@@ -351,28 +521,39 @@ impl Router {
             wake.notify_one();
         }
 
-        for event in &routing.events {
-            tracing::warn!(queue_id = %message_id.simple(), event = %event, "routing event");
-        }
-        for outcome in &routing.outcomes {
-            tracing::info!(
-                queue_id = %message_id.simple(),
-                recipient_id = outcome.recipient_id,
-                resolution = %outcome.resolution,
-                "recipient routed"
-            );
-        }
-        tracing::info!(
-            queue_id = %message_id.simple(),
-            recipients = claimed.len(),
-            deliveries = routing.deliveries.len(),
-            batches,
-            failed = routing.outcomes.iter().filter(|o| o.failure.is_some()).count(),
-            duration_ms = started.elapsed().as_millis() as u64,
-            "message routed"
+        log_routing(
+            message_id,
+            claimed.len(),
+            &routing,
+            started.elapsed().as_millis() as u64,
         );
+        tracing::debug!(queue_id = %message_id.simple(), batches, "message routed on its own");
         Ok(())
     }
+}
+
+/// Logs the routing events, one line per routed recipient and one for the
+/// message.
+fn log_routing(message_id: QueueId, recipients: usize, routing: &MessageRouting, duration_ms: u64) {
+    for event in &routing.events {
+        tracing::warn!(queue_id = %message_id.simple(), event = %event, "routing event");
+    }
+    for outcome in &routing.outcomes {
+        tracing::info!(
+            queue_id = %message_id.simple(),
+            recipient_id = outcome.recipient_id,
+            resolution = %outcome.resolution,
+            "recipient routed"
+        );
+    }
+    tracing::info!(
+        queue_id = %message_id.simple(),
+        recipients,
+        deliveries = routing.deliveries.len(),
+        failed = routing.outcomes.iter().filter(|o| o.failure.is_some()).count(),
+        duration_ms,
+        "message routed"
+    );
 }
 
 /// The stored message as routing reads it.
@@ -498,76 +679,87 @@ impl Router {
     }
 }
 
-/// Inserts batches, their deliveries and any new destination rows; returns
-/// the number of batches.
+/// Inserts the batches and deliveries of routed messages, and any new
+/// destination rows; returns the number of batches.
 async fn write_deliveries(
     transaction: &deadpool_postgres::Transaction<'_>,
-    message_id: QueueId,
-    routing: &MessageRouting,
+    messages: &[(QueueId, &MessageRouting)],
     batch_size: usize,
 ) -> Result<usize, RouterError> {
-    let batches = plan_batches(&routing.deliveries, batch_size);
-    if batches.is_empty() {
+    let planned: Vec<(QueueId, &MessageRouting, Vec<Vec<usize>>)> = messages
+        .iter()
+        .map(|(id, routing)| (*id, *routing, plan_batches(&routing.deliveries, batch_size)))
+        .collect();
+    let batch_count: usize = planned.iter().map(|(_, _, batches)| batches.len()).sum();
+    if batch_count == 0 {
         return Ok(0);
     }
 
-    // A fixed number of statements however many batches: batch ids are taken from the
-    // sequence first, so batches and deliveries go in with one INSERT each.
+    // A fixed number of statements however many messages and batches: batch
+    // ids are taken from the sequence first, so batches and deliveries go in
+    // with one INSERT each.
     let reserve = transaction
         .prepare_cached("SELECT nextval(pg_get_serial_sequence('delivery_batches', 'id')) FROM generate_series(1, $1)")
         .await?;
     let batch_ids: Vec<i64> = transaction
-        .query(&reserve, &[&(batches.len() as i32)])
+        .query(&reserve, &[&(batch_count as i32)])
         .await?
         .iter()
         .map(|row| row.get(0))
         .collect();
 
-    let mut batch_destinations = Vec::with_capacity(batches.len());
-    let mut batch_senders = Vec::with_capacity(batches.len());
-    let mut batch_sizes = Vec::with_capacity(batches.len());
-    let mut delivery_batch_ids = Vec::with_capacity(routing.deliveries.len());
-    let mut recipient_ids = Vec::with_capacity(routing.deliveries.len());
-    let mut addresses = Vec::with_capacity(routing.deliveries.len());
-    let mut kinds = Vec::with_capacity(routing.deliveries.len());
-    let mut destinations = Vec::with_capacity(routing.deliveries.len());
-    let mut prefixes: Vec<&[u8]> = Vec::with_capacity(routing.deliveries.len());
-    let mut traces = Vec::with_capacity(routing.deliveries.len());
-    let mut orcpts = Vec::with_capacity(routing.deliveries.len());
-    let mut notifies = Vec::with_capacity(routing.deliveries.len());
-    for (batch, batch_id) in batches.iter().zip(&batch_ids) {
-        let first = &routing.deliveries[batch[0]];
-        batch_destinations.push(first.destination.as_str());
-        batch_senders.push(first.sender.as_str());
-        batch_sizes.push(batch.len() as i32);
-        for index in batch {
-            let delivery = &routing.deliveries[*index];
-            delivery_batch_ids.push(*batch_id);
-            recipient_ids.push(delivery.recipient_id);
-            addresses.push(delivery.address.as_str());
-            kinds.push(delivery.kind.as_str());
-            destinations.push(delivery.destination.as_str());
-            prefixes.push(delivery.header_prefix.as_bytes());
-            traces.push(delivery.trace.as_str());
-            orcpts.push(delivery.orcpt.as_deref());
-            notifies.push(delivery.notify.as_deref());
+    let delivery_count: usize = messages.iter().map(|(_, r)| r.deliveries.len()).sum();
+    let mut batch_messages = Vec::with_capacity(batch_count);
+    let mut batch_destinations = Vec::with_capacity(batch_count);
+    let mut batch_senders = Vec::with_capacity(batch_count);
+    let mut batch_sizes = Vec::with_capacity(batch_count);
+    let mut delivery_messages = Vec::with_capacity(delivery_count);
+    let mut delivery_batch_ids = Vec::with_capacity(delivery_count);
+    let mut recipient_ids = Vec::with_capacity(delivery_count);
+    let mut addresses = Vec::with_capacity(delivery_count);
+    let mut kinds = Vec::with_capacity(delivery_count);
+    let mut destinations = Vec::with_capacity(delivery_count);
+    let mut prefixes: Vec<&[u8]> = Vec::with_capacity(delivery_count);
+    let mut traces = Vec::with_capacity(delivery_count);
+    let mut orcpts = Vec::with_capacity(delivery_count);
+    let mut notifies = Vec::with_capacity(delivery_count);
+    let mut next_id = batch_ids.iter();
+    for (message_id, routing, batches) in &planned {
+        for batch in batches {
+            let batch_id = *next_id.next().expect("one reserved id per batch");
+            let first = &routing.deliveries[batch[0]];
+            batch_messages.push(*message_id);
+            batch_destinations.push(first.destination.as_str());
+            batch_senders.push(first.sender.as_str());
+            batch_sizes.push(batch.len() as i32);
+            for index in batch {
+                let delivery = &routing.deliveries[*index];
+                delivery_messages.push(*message_id);
+                delivery_batch_ids.push(batch_id);
+                recipient_ids.push(delivery.recipient_id);
+                addresses.push(delivery.address.as_str());
+                kinds.push(delivery.kind.as_str());
+                destinations.push(delivery.destination.as_str());
+                prefixes.push(delivery.header_prefix.as_bytes());
+                traces.push(delivery.trace.as_str());
+                orcpts.push(delivery.orcpt.as_deref());
+                notifies.push(delivery.notify.as_deref());
+            }
         }
     }
 
     let insert_batches = transaction
         .prepare_cached(
             "INSERT INTO delivery_batches (id, message_id, destination, sender, recipients)
-             SELECT u.id, $1, u.destination, u.sender, u.recipients
-               FROM unnest($2::bigint[], $3::text[], $4::text[], $5::int[])
-                    AS u(id, destination, sender, recipients)",
+             SELECT * FROM unnest($1::bigint[], $2::uuid[], $3::text[], $4::text[], $5::int[])",
         )
         .await?;
     let insert_deliveries = transaction
         .prepare_cached(
             "INSERT INTO deliveries
                  (message_id, batch_id, recipient_id, address, kind, destination, header_prefix, trace, orcpt, notify)
-             SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
-                                      $7::bytea[], $8::text[], $9::text[], $10::text[])",
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                                  $7::bytea[], $8::text[], $9::text[], $10::text[])",
         )
         .await?;
     // Delivery workers find due work through the destination rows. Sorted,
@@ -586,8 +778,8 @@ async fn write_deliveries(
         .execute(
             &insert_batches,
             &[
-                &message_id,
                 &batch_ids,
+                &batch_messages,
                 &batch_destinations,
                 &batch_senders,
                 &batch_sizes,
@@ -598,7 +790,7 @@ async fn write_deliveries(
         .execute(
             &insert_deliveries,
             &[
-                &message_id,
+                &delivery_messages,
                 &delivery_batch_ids,
                 &recipient_ids,
                 &addresses,
@@ -611,31 +803,33 @@ async fn write_deliveries(
             ],
         )
         .await?;
-    Ok(batches.len())
+    Ok(batch_count)
 }
 
-/// Marks the claimed recipients routed or failed, where the lease still
-/// matches; returns how many rows matched.
+/// Marks the claimed recipients of routed messages routed or failed, where
+/// the lease still matches; returns how many rows matched.
 async fn mark_recipients(
     transaction: &deadpool_postgres::Transaction<'_>,
     owner: &str,
-    claimed: &[Claimed],
-    routing: &MessageRouting,
+    messages: &[(&[Claimed], &MessageRouting)],
 ) -> Result<u64, RouterError> {
-    let mut ids = Vec::with_capacity(claimed.len());
-    let mut tokens = Vec::with_capacity(claimed.len());
-    let mut states = Vec::with_capacity(claimed.len());
-    let mut resolutions = Vec::with_capacity(claimed.len());
-    for entry in claimed {
-        let outcome = routing
-            .outcomes
-            .iter()
-            .find(|o| o.recipient_id == entry.recipient.id);
-        ids.push(entry.recipient.id);
-        tokens.push(entry.token);
-        let failed = outcome.is_some_and(|o| o.failure.is_some());
-        states.push(if failed { "failed" } else { "routed" });
-        resolutions.push(outcome.map(|o| o.resolution.clone()).unwrap_or_default());
+    let count: usize = messages.iter().map(|(claimed, _)| claimed.len()).sum();
+    let mut ids = Vec::with_capacity(count);
+    let mut tokens = Vec::with_capacity(count);
+    let mut states = Vec::with_capacity(count);
+    let mut resolutions = Vec::with_capacity(count);
+    for (claimed, routing) in messages {
+        for entry in claimed.iter() {
+            let outcome = routing
+                .outcomes
+                .iter()
+                .find(|o| o.recipient_id == entry.recipient.id);
+            ids.push(entry.recipient.id);
+            tokens.push(entry.token);
+            let failed = outcome.is_some_and(|o| o.failure.is_some());
+            states.push(if failed { "failed" } else { "routed" });
+            resolutions.push(outcome.map(|o| o.resolution.clone()).unwrap_or_default());
+        }
     }
     let statement = transaction
         .prepare_cached(
