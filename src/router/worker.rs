@@ -72,6 +72,49 @@ pub enum RouterError {
     Notification(String),
 }
 
+/// The start of the next claim's search for queued recipients.
+///
+/// The partial index on queued recipients keeps the entries of routed
+/// recipients until vacuum removes them, and these sit at its start because
+/// message ids grow with time. A claim that always started at the oldest
+/// message walked over all of them, so under load each claim read thousands
+/// of dead entries. Claims therefore continue after the newest message
+/// claimed before. A claim that finds nothing there, and every
+/// [`FULL_SCAN_EVERY`]th claim, starts from the beginning again, so work
+/// left behind (leases that expired, messages another router had locked)
+/// is found too.
+#[derive(Default)]
+struct ClaimCursor {
+    state: std::sync::Mutex<(QueueId, u32)>,
+}
+
+/// Claims between two claims that start from the oldest message.
+const FULL_SCAN_EVERY: u32 = 16;
+
+impl ClaimCursor {
+    /// Returns the id to claim after; the nil id means from the beginning.
+    fn start(&self) -> QueueId {
+        let mut state = self.state.lock().expect("claim cursor lock");
+        state.1 += 1;
+        if state.1 >= FULL_SCAN_EVERY {
+            state.1 = 0;
+            return QueueId::nil();
+        }
+        state.0
+    }
+
+    /// Moves the cursor past the newest claimed message, or back to the
+    /// beginning when the claim found nothing.
+    fn advance(&self, newest: Option<QueueId>) {
+        let mut state = self.state.lock().expect("claim cursor lock");
+        match newest {
+            Some(id) if id > state.0 => state.0 = id,
+            Some(_) => {}
+            None => state.0 = QueueId::nil(),
+        }
+    }
+}
+
 /// One claimed recipient and its lease token.
 #[derive(Clone, Debug)]
 pub struct Claimed {
@@ -84,6 +127,7 @@ pub struct Router {
     directory: Arc<Directory>,
     settings: RouterSettings,
     owner: String,
+    cursor: ClaimCursor,
     wake: Arc<Notify>,
     /// Wakes the delivery workers of this process after deliveries were written.
     delivery_wake: Option<Arc<Notify>>,
@@ -106,6 +150,7 @@ impl Router {
             directory,
             settings,
             owner,
+            cursor: ClaimCursor::default(),
             wake: Arc::new(Notify::new()),
             delivery_wake: None,
             notifications,
@@ -362,35 +407,14 @@ impl Router {
     /// each gets this router's lease. Public for tests that stop a router
     /// between its claim and its routing.
     pub async fn claim(&self) -> Result<BTreeMap<QueueId, Vec<Claimed>>, RouterError> {
-        let client = self.queue.pool().get().await?;
-        let lease_seconds = self.settings.lease.as_secs_f64();
-        let rows = client
-            .query(
-                "WITH candidates AS (
-                     -- Served by the partial index on queued recipients, so
-                     -- routed history does not slow the claim down.
-                     SELECT DISTINCT message_id FROM recipients
-                      WHERE state = 'queued' AND (lease_until IS NULL OR lease_until < now())
-                      ORDER BY message_id
-                      LIMIT $1::bigint * 4
-                 ), picked AS (
-                     SELECT m.id FROM messages m JOIN candidates c ON c.message_id = m.id
-                      WHERE m.state = 'ready'
-                      ORDER BY m.id
-                      LIMIT $1
-                      FOR NO KEY UPDATE OF m SKIP LOCKED
-                 )
-                 UPDATE recipients r
-                    SET lease_owner = $2,
-                        lease_until = now() + make_interval(secs => $3),
-                        lease_token = r.lease_token + 1
-                   FROM picked
-                  WHERE r.message_id = picked.id AND r.state = 'queued'
-                    AND (r.lease_until IS NULL OR r.lease_until < now())
-              RETURNING r.message_id, r.id, r.address, r.route_group, r.orcpt, r.notify, r.lease_token",
-                &[&self.settings.claim_messages, &self.owner, &lease_seconds],
-            )
-            .await?;
+        let after = self.cursor.start();
+        let mut rows = self.claim_after(after).await?;
+        if rows.is_empty() && !after.is_nil() {
+            self.cursor.advance(None);
+            rows = self.claim_after(QueueId::nil()).await?;
+        }
+        self.cursor
+            .advance(rows.iter().map(|row| row.get::<_, QueueId>(0)).max());
         let mut claimed: BTreeMap<QueueId, Vec<Claimed>> = BTreeMap::new();
         for row in rows {
             claimed.entry(row.get(0)).or_default().push(Claimed {
@@ -408,6 +432,52 @@ impl Router {
             recipients.sort_by_key(|c| c.recipient.id);
         }
         Ok(claimed)
+    }
+
+    /// Claims messages whose id is greater than `after` (ids grow with
+    /// time); returns one row per claimed recipient.
+    async fn claim_after(&self, after: QueueId) -> Result<Vec<tokio_postgres::Row>, RouterError> {
+        let client = self.queue.pool().get().await?;
+        // The id lists keep every step an index scan of its table, whatever
+        // the planner's statistics estimate for the table sizes.
+        let statement = client
+            .prepare_cached(
+                "WITH candidates AS (
+                     -- Served by the partial index on queued recipients.
+                     SELECT DISTINCT message_id FROM recipients
+                      WHERE state = 'queued' AND message_id > $4
+                        AND (lease_until IS NULL OR lease_until < now())
+                      ORDER BY message_id
+                      LIMIT $1::bigint * 4
+                 ), picked AS (
+                     SELECT m.id FROM messages m
+                      WHERE m.id = ANY(ARRAY(SELECT message_id FROM candidates))
+                        AND m.state = 'ready'
+                      ORDER BY m.id
+                      LIMIT $1
+                      FOR NO KEY UPDATE OF m SKIP LOCKED
+                 )
+                 UPDATE recipients r
+                    SET lease_owner = $2,
+                        lease_until = now() + make_interval(secs => $3),
+                        lease_token = r.lease_token + 1
+                  WHERE r.message_id = ANY(ARRAY(SELECT id FROM picked)) AND r.state = 'queued'
+                    AND (r.lease_until IS NULL OR r.lease_until < now())
+              RETURNING r.message_id, r.id, r.address, r.route_group, r.orcpt, r.notify, r.lease_token",
+            )
+            .await?;
+        let lease_seconds = self.settings.lease.as_secs_f64();
+        Ok(client
+            .query(
+                &statement,
+                &[
+                    &self.settings.claim_messages,
+                    &self.owner,
+                    &lease_seconds,
+                    &after,
+                ],
+            )
+            .await?)
     }
 
     /// Reads the sender and the start of the header section of a message.
