@@ -29,6 +29,7 @@ use crate::delivery::dsn::{DsnAction, DsnRecipient, notify_requests, status_from
 use crate::delivery::notify::{NotificationSettings, spool_notification};
 use crate::delivery::store::complete_messages;
 use crate::directory::Directory;
+use crate::metrics::{Component, Metrics, NotificationKind, RoutingResult};
 use crate::queue::{Queue, QueueId};
 
 /// Header section bytes read for loop detection and auto-replies.
@@ -87,6 +88,14 @@ pub struct Router {
     delivery_wake: Option<Arc<Notify>>,
     auto_reply_settings: AutoReplySettings,
     notifications: NotificationSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl RouterError {
+    /// True for errors of the queue database itself.
+    fn is_database(&self) -> bool {
+        matches!(self, RouterError::Pool(_) | RouterError::Database(_))
+    }
 }
 
 impl Router {
@@ -108,7 +117,13 @@ impl Router {
             delivery_wake: None,
             notifications,
             auto_reply_settings,
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Counts into `metrics` instead of a registry of the router's own.
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = metrics;
     }
 
     /// Wakes `wake` after each routed message that produced deliveries.
@@ -149,10 +164,15 @@ impl Router {
                 Err(RouterError::DirectoryNotLoaded) => 0,
                 Err(error) => {
                     failures = failures.saturating_add(1);
-                    // Repeated failures are logged once per ten to avoid floods.
-                    if failures == 1 || failures.is_multiple_of(10) {
-                        tracing::warn!(worker, error = %error, failures, "routing failed; retrying");
+                    if error.is_database() {
+                        self.metrics.database_error(Component::Router);
                     }
+                    crate::log_limited!(error.to_string(), suppressed => tracing::warn!(
+                        error = %error,
+                        failures,
+                        suppressed,
+                        "routing failed; retrying"
+                    ));
                     0
                 }
             };
@@ -186,8 +206,19 @@ impl Router {
         let claimed = self.claim().await?;
         let count = claimed.len();
         for (message_id, recipients) in claimed {
-            if let Err(error) = self.route_message(message_id, recipients).await {
-                tracing::warn!(queue_id = %message_id.simple(), error = %error, "message not routed; its lease will expire and it is retried");
+            match self.route_message(message_id, recipients).await {
+                Ok(()) => self.metrics.router.message(RoutingResult::Routed),
+                Err(error) => {
+                    let result = match &error {
+                        RouterError::LeaseLost(_) => RoutingResult::LeaseLost,
+                        _ => RoutingResult::Failed,
+                    };
+                    self.metrics.router.message(result);
+                    if error.is_database() {
+                        self.metrics.database_error(Component::Router);
+                    }
+                    tracing::warn!(queue_id = %message_id.simple(), error = %error, "message not routed; its lease will expire and it is retried");
+                }
             }
         }
         Ok(count)
@@ -341,15 +372,36 @@ impl Router {
             transaction.rollback().await?;
             return Err(RouterError::LeaseLost(message_id.simple().to_string()));
         }
-        self.bounce_failures(&transaction, message_id, &stored.sender, &claimed, &routing)
+        let bounced = self
+            .bounce_failures(&transaction, message_id, &stored.sender, &claimed, &routing)
             .await?;
         if routing.deliveries.is_empty() {
             complete_messages(&transaction, &[message_id]).await?;
         }
         transaction.commit().await?;
+        if bounced {
+            self.metrics
+                .delivery
+                .notification(NotificationKind::Failure);
+        }
         if let (Some(wake), false) = (&self.delivery_wake, routing.deliveries.is_empty()) {
             wake.notify_one();
         }
+
+        let failed = routing
+            .outcomes
+            .iter()
+            .filter(|o| o.failure.is_some())
+            .count();
+        let router_metrics = &self.metrics.router;
+        router_metrics
+            .recipients_routed
+            .inc_by((claimed.len() - failed.min(claimed.len())) as u64);
+        router_metrics.recipients_failed.inc_by(failed as u64);
+        router_metrics
+            .deliveries_created
+            .inc_by(routing.deliveries.len() as u64);
+        router_metrics.duration.observe_duration(started.elapsed());
 
         for event in &routing.events {
             tracing::warn!(queue_id = %message_id.simple(), event = %event, "routing event");
@@ -367,7 +419,7 @@ impl Router {
             recipients = claimed.len(),
             deliveries = routing.deliveries.len(),
             batches,
-            failed = routing.outcomes.iter().filter(|o| o.failure.is_some()).count(),
+            failed,
             duration_ms = started.elapsed().as_millis() as u64,
             "message routed"
         );
@@ -386,7 +438,8 @@ struct StoredFacts {
 
 impl Router {
     /// Spools one failure notification for the recipients that routing
-    /// could not deliver anywhere, in the routing transaction.
+    /// could not deliver anywhere, in the routing transaction; returns
+    /// whether one was spooled.
     async fn bounce_failures(
         &self,
         transaction: &tokio_postgres::Transaction<'_>,
@@ -394,7 +447,7 @@ impl Router {
         sender: &str,
         claimed: &[Claimed],
         routing: &MessageRouting,
-    ) -> Result<(), RouterError> {
+    ) -> Result<bool, RouterError> {
         let now = time::OffsetDateTime::now_utc();
         let mut failed = Vec::new();
         for outcome in &routing.outcomes {
@@ -426,7 +479,7 @@ impl Router {
             });
         }
         if failed.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let spooled = spool_notification(
             transaction,
@@ -445,7 +498,7 @@ impl Router {
                 "failure notification spooled for recipients that routing could not deliver"
             );
         }
-        Ok(())
+        Ok(spooled.is_some())
     }
 
     /// Generates the planned auto-replies inside the routing transaction and
