@@ -131,7 +131,7 @@ pub fn allow_repeat(place: &'static str, message: &str) -> Option<u64> {
 }
 
 /// Runs a logging statement unless the same message was logged from the same
-/// place within [`REPEAT_INTERVAL`]. The statement sees the number of lines
+/// place within [`REPEAT_INTERVAL`]. The statement gets the number of lines
 /// held back since the last one under the given name:
 ///
 /// ```ignore

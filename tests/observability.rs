@@ -20,7 +20,7 @@ use wsmtp::cli::serve::Role;
 
 const ALL_ROLES: &[Role] = &[Role::Listener, Role::Router, Role::Delivery];
 
-/// A configuration with example.com local, example.net relayed to the sink's
+/// Returns a configuration with example.com local, example.net relayed to the sink's
 /// group `legacy`, 127.0.0.1 a relay network and the admin listener on. The
 /// blocklist zone is named by no rule, so it is never queried, but its
 /// series exist.
@@ -60,10 +60,10 @@ async fn scrape_until(address: SocketAddr, what: &str, done: impl Fn(&Samples) -
     }
 }
 
-/// Traffic that reaches every tier: three messages spooled for a local and
-/// a relay-domain recipient (routed to a Maildir and to the group),
-/// one message passed through live, and one relay attempt from a client
-/// outside the relay networks, which is rejected.
+/// Sends traffic that reaches every tier. Three messages are spooled for a
+/// local and a relay-domain recipient (routed to a Maildir and to the
+/// group), one message is passed through live, and one relay attempt comes
+/// from a client outside the relay networks and is rejected.
 async fn send_traffic(server: &TestServer) {
     let mut client = server.connect().await;
     client.expect("EHLO client.example", 250).await;
@@ -92,7 +92,7 @@ async fn send_traffic(server: &TestServer) {
     outsider.expect("QUIT", 221).await;
 }
 
-/// The change of each series between two scrapes.
+/// Returns the change of a series between two scrapes.
 fn delta(before: &Samples, after: &Samples, series: &str) -> f64 {
     value(after, series) - before.get(series).copied().unwrap_or(0.0)
 }
@@ -404,7 +404,7 @@ async fn admin_rejects_other_paths_and_methods() {
     server.stop().await;
 }
 
-/// The metric names in the PromQL expressions of a Grafana dashboard.
+/// Collects the metric names in the PromQL expressions of a Grafana dashboard.
 fn dashboard_metric_names(dashboard: &serde_json::Value) -> BTreeSet<String> {
     fn collect(value: &serde_json::Value, expressions: &mut Vec<String>) {
         match value {

@@ -38,7 +38,7 @@ pub use readiness::Readiness;
 /// Time a client has to send its request head.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What the admin endpoints read.
+/// The sources the admin endpoints read.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub readiness: Arc<Readiness>,

@@ -3,7 +3,7 @@
 //! A process is ready when
 //! - it is not shutting down;
 //! - its SMTP listeners are bound and accepting, when it runs the listener;
-//! - when it has a queue, the queue database answers `SELECT 1` within
+//! - when it has a queue, the queue database returns `SELECT 1` within
 //!   `admin.check_timeout` and the migrations are applied.
 //!
 //! The database is checked on a connection of its own, outside the pool, so

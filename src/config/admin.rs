@@ -10,7 +10,7 @@ use super::{Checker, Text};
 /// The admin HTTP listener; absent from the configuration means none.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdminConfig {
-    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    /// The address of `/metrics`, `/healthz` and `/readyz`.
     pub address: SocketAddr,
     /// How often the queue gauges are counted in the database.
     pub queue_interval: Duration,

@@ -423,7 +423,7 @@ impl Intake {
             helo = %client.helo,
             sender = %envelope.sender_text(),
             recipient = %recipient.address.to_smtp(),
-            decision = outcome.as_str(),
+            decision = %outcome.as_str(),
             rule = %decision.rule,
             reply = %reply.summary(),
             "recipient decided"

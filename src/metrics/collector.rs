@@ -1,9 +1,9 @@
 //! The periodic collector of the queue gauges: every interval it counts the
 //! queue's content by state in the database and sets the gauges.
 //!
-//! Every process with a queue and an admin listener runs one, so processes
-//! that share a database report the same values; aggregate them with `max`,
-//! not `sum`.
+//! Every process with a queue and an admin listener runs one. Processes that
+//! share a database therefore report the same values, so aggregate them with
+//! `max`, not `sum`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

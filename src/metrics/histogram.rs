@@ -58,12 +58,12 @@ impl AtomicHistogram {
         }
     }
 
-    /// A histogram with [`LATENCY_BUCKETS`].
+    /// Creates a histogram with [`LATENCY_BUCKETS`].
     pub fn latency() -> AtomicHistogram {
         AtomicHistogram::new(LATENCY_BUCKETS)
     }
 
-    /// A histogram with [`SIZE_BUCKETS`].
+    /// Creates a histogram with [`SIZE_BUCKETS`].
     pub fn size() -> AtomicHistogram {
         AtomicHistogram::new(SIZE_BUCKETS)
     }
@@ -96,8 +96,8 @@ impl AtomicHistogram {
         self.observe(duration.as_secs_f64());
     }
 
-    /// The sum, the count and the count of each bucket (not cumulative),
-    /// the last bucket at `+Inf`.
+    /// Returns the sum, the count and the count of each bucket (not
+    /// cumulative), the last bucket at `+Inf`.
     pub fn snapshot(&self) -> (f64, u64, Vec<(f64, u64)>) {
         let mut total = 0;
         let mut buckets = Vec::with_capacity(self.inner.buckets.len());

@@ -101,7 +101,7 @@ impl Names {
     }
 }
 
-/// The database name in a PostgreSQL URL, for the `database` label.
+/// Returns the database name in a PostgreSQL URL, for the `database` label.
 pub fn database_label(url: &str) -> String {
     url.parse::<tokio_postgres::Config>()
         .ok()
@@ -112,7 +112,7 @@ pub fn database_label(url: &str) -> String {
 /// Reply classes, the index of [`SmtpMetrics::replies`].
 const REPLY_CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
 
-/// Where a finished transaction went, or why it did not.
+/// The result of a finished transaction: where its content went, or how it failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TransactionResult {
     Spooled,
@@ -140,8 +140,8 @@ impl TransactionResult {
     }
 }
 
-/// What a recipient got: accepted for local routing or for a downstream
-/// group, or refused permanently or for now.
+/// The decision on one recipient: accepted for local routing or for a
+/// downstream group, or rejected permanently or for now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecipientDecision {
     Local,
@@ -173,7 +173,7 @@ pub enum TlsResult {
     Timeout,
 }
 
-/// Why a connection was closed before its greeting.
+/// The reason a connection was closed before its greeting.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectionRejection {
     MaxConnections,
@@ -401,7 +401,7 @@ impl SmtpMetrics {
 /// A step of a pass-through session, for latency and errors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PassthroughStep {
-    /// Connecting, the greeting and EHLO, up to the first host that answers.
+    /// Connecting, the greeting and EHLO, up to the first host that accepts EHLO.
     Connect,
     Mail,
     Rcpt,
@@ -497,7 +497,8 @@ impl PassthroughMetrics {
         }
     }
 
-    /// The handles of a group; a group unknown at start gets new ones.
+    /// Returns the handles of a group. A group unknown at start gets new
+    /// handles, found through the family's lock.
     pub fn group(&self, group: &str) -> Arc<GroupMetrics> {
         match self.groups.get(group) {
             Some(metrics) => Arc::clone(metrics),
@@ -634,8 +635,8 @@ pub enum DestinationKind {
 impl DestinationKind {
     const ALL: [&'static str; 4] = ["group", "mx", "lmtp", "maildir"];
 
-    /// The kind of a destination name such as `group:legacy`; None for an
-    /// unknown kind.
+    /// Returns the kind of a destination name such as `group:legacy`, or
+    /// None for an unknown kind.
     pub fn of(destination: &str) -> Option<DestinationKind> {
         match destination.split_once(':')?.0 {
             "group" => Some(DestinationKind::Group),
@@ -1225,7 +1226,8 @@ impl Metrics {
     }
 
     /// Counts a connection or command refused by the rate limit `limit`, a
-    /// name from the configuration.
+    /// name from the configuration. The series is found under the family's
+    /// read lock, which refusals, being rare, can afford.
     pub fn rate_limit_hit(&self, limit: &str) {
         self.config
             .rate_limits
@@ -1246,7 +1248,8 @@ impl Metrics {
     /// Encodes every metric in the Prometheus text format, version 0.0.4.
     pub fn encode(&self) -> String {
         let mut text = String::new();
-        // Writing into a String cannot fail.
+        // The encoder fails only when its writer does, and writing into a
+        // String does not fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
         text
     }
@@ -1255,6 +1258,33 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reloads_and_rate_limits_are_counted() {
+        let metrics = Metrics::default();
+        metrics.config_reloaded(true);
+        metrics.config_reloaded(false);
+        metrics.config_reloaded(false);
+        metrics.rate_limit_hit("per-client");
+        let text = metrics.encode();
+        assert_eq!(
+            sample(&text, "wsmtp_config_reloads_total{result=\"success\"}"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "wsmtp_config_reloads_total{result=\"failure\"}"),
+            Some(2.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "wsmtp_rate_limit_hits_total{limit=\"per-client\"}"),
+            Some(1.0),
+            "{text}"
+        );
+        // Without a queue there are no queue series.
+        assert!(!text.contains("wsmtp_queue_messages{"), "{text}");
+    }
 
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()

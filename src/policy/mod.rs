@@ -572,6 +572,52 @@ mod tests {
     }
 
     #[test]
+    fn rule_labels_drop_bracketed_values() {
+        let cases = [
+            (
+                "127.0.0.2",
+                Some("alice"),
+                "carol@example.org",
+                "authenticated",
+            ),
+            ("127.0.0.1", None, "carol@example.org", "relay_networks"),
+            ("127.0.0.2", None, "bob@example.net", "relay_domains"),
+            ("127.0.0.2", None, "carol@example.org", "no_relay"),
+        ];
+        for (client, account, recipient, label) in cases {
+            let decision = decide_as(DirectoryView::Absent, client, account, recipient);
+            assert_eq!(decision.rule_label(), label, "{client} {recipient}");
+        }
+
+        let rules = RuleSet::parse_text(
+            std::path::Path::new("rules/10-block.yaml"),
+            "- name: block-test-net\n  client: [192.0.2.0/24]\n  action: reject\n",
+            &std::collections::HashSet::new(),
+            &rules::Lists::default(),
+        )
+        .expect("valid rules");
+        let session = SessionFacts {
+            client: "192.0.2.7".parse().expect("ip"),
+            helo: "client.example",
+            auth: None,
+            tls: false,
+            sender: "a@example.org",
+            dnsbl: DnsblResults::none(),
+        };
+        let recipient = Address::parse("bob@example.net").expect("address");
+        let decision = super::decide(
+            &relay_config(),
+            &rules,
+            DirectoryView::Absent,
+            &session,
+            &recipient,
+            false,
+        );
+        assert_eq!(decision.rule, "rules/10-block.yaml:1 block-test-net");
+        assert_eq!(decision.rule_label(), "block-test-net");
+    }
+
+    #[test]
     fn authenticated_clients_relay_anywhere() {
         let cases = [
             (

@@ -1,9 +1,8 @@
 //! Counts of the queue's content by state, for the metrics collector.
 //!
-//! One read-only repeatable-read transaction, so the counts agree with each
-//! other. Each count scans the pending part of its table (the partial
-//! indexes on queued recipients and pending deliveries serve the filters), so
-//! the cost grows with the queue's size; the collector runs it every
+//! The counts come from one read-only repeatable-read transaction, so they
+//! agree with each other. Each count scans the pending part of its table,
+//! so the cost grows with the queue's size. The collector runs it every
 //! `admin.queue_interval` under its own statement timeout.
 
 use std::time::Duration;

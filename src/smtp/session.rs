@@ -681,7 +681,7 @@ impl<H: Handler> Session<H> {
             helo = %self.client.helo,
             sender = %envelope.sender_text(),
             recipients = %recipients.join(","),
-            decision = route.as_str(),
+            decision = %route.as_str(),
             reply = %if gone.is_some() { "none (client gone)".to_string() } else { reply.summary() },
             size,
             duration_ms = transaction.started.elapsed().as_millis() as u64,
@@ -719,7 +719,7 @@ impl<H: Handler> Session<H> {
                         .map(|r| r.address.to_smtp())
                         .collect::<Vec<_>>()
                         .join(","),
-                    decision = ContentRoute::None.as_str(),
+                    decision = %ContentRoute::None.as_str(),
                     duration_ms = transaction.started.elapsed().as_millis() as u64,
                     "transaction abandoned without a message"
                 );

@@ -71,7 +71,7 @@ pub async fn scrape(address: SocketAddr) -> Samples {
     parse(&body)
 }
 
-/// The names of the metrics that have at least one sample.
+/// Returns the names of the metrics that have at least one sample.
 pub fn sample_names(samples: &Samples) -> std::collections::BTreeSet<String> {
     samples
         .keys()
@@ -79,7 +79,7 @@ pub fn sample_names(samples: &Samples) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
-/// The value of one series; panics when the scrape does not have it.
+/// Returns the value of one series, and panics when the scrape lacks it.
 pub fn value(samples: &Samples, series: &str) -> f64 {
     samples
         .get(series)
