@@ -14,8 +14,10 @@ use tokio::task::AbortHandle;
 
 use common::admin::{self, Samples, value};
 use common::db::TestDb;
+use common::directory::wait_until_current;
 use common::harness::{TestServer, send_spooled, test_message};
 use common::sink::Sink;
+use common::tls::{TlsSmtpClient, handshake, make_certificate};
 use wsmtp::cli::serve::Role;
 
 const ALL_ROLES: &[Role] = &[Role::Listener, Role::Router, Role::Delivery];
@@ -251,6 +253,118 @@ async fn queue_gauges_count_waiting_mail() {
             &format!("wsmtp_queue_destinations{{database=\"{database}\",state=\"backed_off\"}}")
         ) >= 1.0
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tls_auth_and_bounces_are_counted() {
+    use base64::Engine as _;
+    let certificate = make_certificate();
+    let sink = Sink::start().await;
+    sink.set_rcpt_reply("nobody@example.net", "550 5.1.1 no such user");
+    let db = TestDb::create().await;
+    let listener = format!(
+        "  - address: 127.0.0.1:0\n    tls: {{certificate: '{}', key: '{}'}}\n    auth: {{require_tls: false}}\n",
+        certificate.certificate_path.display(),
+        certificate.key_path.display()
+    );
+    let yaml = config(sink.addr, &db.url).replace("  - address: 127.0.0.1:0\n", &listener)
+        + "auth:\n  failure_delay: 0s\n";
+    let server = TestServer::start_yaml_roles(&yaml, Some(db), Some(ALL_ROLES)).await;
+    let address = server.admin.expect("admin listener");
+    let database = server.db.as_ref().expect("database").connect().await;
+    let hash = wsmtp::auth::password::hash_password(b"alice's password").expect("hash");
+    database
+        .execute(
+            "UPDATE accounts SET password_hash = $1 WHERE name = 'alice'",
+            &[&hash],
+        )
+        .await
+        .expect("store password hash");
+    wait_until_current(&database, server.directory.as_ref().expect("directory")).await;
+    let before = admin::scrape(address).await;
+
+    // One STARTTLS handshake that succeeds and one that the client breaks.
+    let mut client = server.connect().await;
+    client.expect("EHLO client.example", 250).await;
+    client.expect("STARTTLS", 220).await;
+    let mut secure = TlsSmtpClient::new(handshake(client.into_stream(), &certificate).await);
+    secure.expect("EHLO client.example", 250).await;
+    secure.expect("QUIT", 221).await;
+    let mut broken = server.connect().await;
+    broken.expect("EHLO client.example", 250).await;
+    broken.expect("STARTTLS", 220).await;
+    broken.send(b"this is not a TLS client hello\r\n").await;
+    // The server may send a TLS alert before it closes the connection.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut broken.into_stream(), &mut rest),
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the server kept the broken TLS connection open"
+    );
+
+    // One AUTH PLAIN with the right password and one with a wrong one.
+    let plain = |password: &str| {
+        base64::engine::general_purpose::STANDARD.encode(format!("\0alice\0{password}"))
+    };
+    let mut client = server.connect().await;
+    client.expect("EHLO client.example", 250).await;
+    client
+        .expect(&format!("AUTH PLAIN {}", plain("wrong")), 535)
+        .await;
+    client
+        .expect(&format!("AUTH PLAIN {}", plain("alice's password")), 235)
+        .await;
+
+    // A recipient the group rejects bounces; the failure notification goes
+    // back to the sender through the group.
+    send_spooled(
+        &mut client,
+        "alice@example.com",
+        &["carol@example.com", "nobody@example.net"],
+        &test_message("bounces", 300),
+    )
+    .await;
+    client.expect("QUIT", 221).await;
+    let bounced = "wsmtp_delivery_outcomes_total{kind=\"group\",result=\"bounced\"}";
+    let after = scrape_until(address, "a bounced delivery", |s| {
+        delta(&before, s, bounced) >= 1.0
+            && delta(&before, s, "wsmtp_notifications_total{type=\"failure\"}") >= 1.0
+    })
+    .await;
+
+    let expected: &[(&str, f64)] = &[
+        (
+            "wsmtp_tls_handshakes_total{mode=\"starttls\",result=\"success\"}",
+            1.0,
+        ),
+        (
+            "wsmtp_tls_handshakes_total{mode=\"starttls\",result=\"failure\"}",
+            1.0,
+        ),
+        (
+            "wsmtp_auth_attempts_total{mechanism=\"plain\",result=\"success\"}",
+            1.0,
+        ),
+        (
+            "wsmtp_auth_attempts_total{mechanism=\"plain\",result=\"failure\"}",
+            1.0,
+        ),
+        (bounced, 1.0),
+        ("wsmtp_notifications_total{type=\"failure\"}", 1.0),
+    ];
+    let mut wrong = Vec::new();
+    for (series, change) in expected {
+        let actual = delta(&before, &after, series);
+        if actual != *change {
+            wrong.push(format!("{series}: expected +{change}, got +{actual}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     server.stop().await;
 }
 

@@ -486,9 +486,7 @@ impl DeliveryWorkers {
             (NotificationKind::Success, summary.success_notifications),
         ];
         for (kind, count) in notifications {
-            for _ in 0..count {
-                delivery.notification(kind);
-            }
+            delivery.notifications(kind, count as u64);
         }
     }
 

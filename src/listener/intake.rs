@@ -389,9 +389,9 @@ impl Intake {
         self.mode = next;
     }
 
-    /// Logs a recipient's decision and counts it. `refusal` is the reason
-    /// of a refusal that the policy did not make: the downstream or the queue
-    /// could not take an accepted recipient.
+    /// Logs a recipient's decision and counts it. A refusal is counted with
+    /// the rule that made it, or with downstream, queue or mixed_routes when
+    /// the policy accepted the recipient but it could not be taken.
     fn log_decision(
         &self,
         client: &ClientInfo,
@@ -410,11 +410,17 @@ impl Intake {
                 _ => RecipientDecision::Relay,
             }
         };
+        // A refusal the policy did not make is a mix of routes without a
+        // queue, a downstream that failed (X.4.X) or refused, or a queue
+        // that could not take the recipient.
+        let network_failure = reply.enhanced().is_some_and(|code| code.1 == 4);
         let reason = match &decision.action {
+            _ if reply.is_positive() => "",
             Action::Reject(_) => decision.rule_label(),
             _ if *reply == Reply::mixed_routes_need_new_transaction() => "mixed_routes",
-            Action::Accept(Route::Local) => "queue",
             Action::Accept(Route::Group(_)) => "downstream",
+            Action::Accept(Route::Local) if network_failure => "downstream",
+            Action::Accept(Route::Local) => "queue",
         };
         self.shared.metrics.smtp.recipient_decided(outcome, reason);
         tracing::info!(

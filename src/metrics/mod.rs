@@ -777,7 +777,14 @@ impl DeliveryMetrics {
     }
 
     pub fn notification(&self, kind: NotificationKind) {
-        self.notifications[kind as usize].inc();
+        self.notifications(kind, 1);
+    }
+
+    /// Counts `count` notifications of one kind.
+    pub fn notifications(&self, kind: NotificationKind, count: u64) {
+        if count > 0 {
+            self.notifications[kind as usize].inc_by(count);
+        }
     }
 }
 
