@@ -111,7 +111,7 @@ pub struct Intake {
     client_checked: bool,
     /// The sender domain whose results are in `dnsbl`.
     checked_domain: Option<String>,
-    /// Where the content of the current transaction goes.
+    /// The destination of the current transaction's content.
     content_route: ContentRoute,
 }
 

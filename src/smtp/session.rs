@@ -69,8 +69,8 @@ pub struct ClientInfo {
     pub authenticated: Option<String>,
 }
 
-/// Where the content of the current transaction goes, as the handler
-/// decided when the content started.
+/// The destination of a transaction's content, as the handler chose it
+/// when the content started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContentRoute {
     /// No content was taken.
@@ -82,7 +82,7 @@ pub enum ContentRoute {
 }
 
 impl ContentRoute {
-    /// The value of the `decision` field of the transaction's log line.
+    /// Returns the value of the `decision` field of the transaction's log line.
     pub fn as_str(self) -> &'static str {
         match self {
             ContentRoute::None => "none",
@@ -123,8 +123,8 @@ pub trait Handler: Send {
     fn abort_message(&mut self) -> impl Future<Output = ()> + Send;
     /// The transaction ended (RSET, a new EHLO, QUIT, or after the final reply).
     fn reset(&mut self) -> impl Future<Output = ()> + Send;
-    /// Where the content of the current transaction goes; asked after the
-    /// final reply and before `reset`.
+    /// Returns the destination of the current transaction's content. The
+    /// session calls it after the final reply and before `reset`.
     fn content_route(&self) -> ContentRoute {
         ContentRoute::None
     }
