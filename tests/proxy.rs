@@ -195,12 +195,12 @@ async fn v1_tcp4_source_decides_relaying() {
         content.starts_with("Received: from client.example ([198.51.100.9])"),
         "{content}"
     );
-    let finished = log_lines_with(&["transaction finished", "client=198.51.100.9"]);
+    let finished = log_lines_with(&["transaction finished", "client_ip=198.51.100.9"]);
     assert_eq!(finished.len(), 1, "{finished:#?}");
     assert!(
         log_lines_with(&[
             "recipient decided",
-            "client=203.0.113.7",
+            "client_ip=203.0.113.7",
             "victim@example.org"
         ])
         .len()

@@ -197,7 +197,7 @@ impl Authenticator {
         let count = reservation.failed(Instant::now());
         if count.limit_reached {
             tracing::warn!(
-                client = %client,
+                client_ip = %client,
                 failures = count.failures,
                 window_seconds = self.settings.failure_window.as_secs(),
                 "too many authentication failures; AUTH from this client is rejected until the window ends"
@@ -268,7 +268,7 @@ pub fn log_attempt(
     let login = printable(login);
     if outcome == Outcome::Success {
         tracing::info!(
-            client = %client,
+            client_ip = %client,
             mechanism = mechanism.as_str(),
             login = %login,
             account,
@@ -277,7 +277,7 @@ pub fn log_attempt(
         );
     } else {
         tracing::info!(
-            client = %client,
+            client_ip = %client,
             mechanism = mechanism.as_str(),
             login = %login,
             outcome = outcome.as_str(),
@@ -515,7 +515,7 @@ mod tests {
         let text = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("UTF-8");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
-        assert!(lines[0].contains("client=192.0.2.7"), "{text}");
+        assert!(lines[0].contains("client_ip=192.0.2.7"), "{text}");
         assert!(lines[0].contains("login=alice@example.com"), "{text}");
         assert!(lines[0].contains("account=\"alice\""), "{text}");
         assert!(lines[0].contains("outcome=\"success\""), "{text}");

@@ -146,7 +146,7 @@ fn with_config_and_filter(
     if let Some(filter) = filter {
         config.log.filter = filter.to_owned();
     }
-    init_logging(&config);
+    crate::logging::init(&config.log, None);
     match command(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -161,31 +161,6 @@ fn runtime(future: impl std::future::Future<Output = anyhow::Result<()>>) -> any
         .enable_all()
         .build()?
         .block_on(future)
-}
-
-/// Logs go to stderr as text or JSON; `RUST_LOG` overrides the configured filter.
-fn init_logging(config: &Config) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        // Library chatter (PostgreSQL notices, migration steps) only at warn,
-        // unless the configured filter names those targets itself.
-        EnvFilter::new(format!(
-            "tokio_postgres=warn,refinery_core=warn,{}",
-            config.log.filter
-        ))
-    });
-    // Colour only for a terminal: logs redirected to a file stay plain text.
-    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour);
-    let result = match config.log.format {
-        crate::config::LogFormat::Text => builder.try_init(),
-        crate::config::LogFormat::Json => builder.json().try_init(),
-    };
-    // A subscriber set already (in tests) is fine.
-    let _ = result;
 }
 
 /// Lets a command that prints into a pipe end quietly when the reader goes

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::{AdminServer, AdminState, Readiness};
 use crate::config::Config;
 use crate::delivery::notify::NotificationSettings;
 use crate::delivery::store::DeliveryStore;
@@ -13,6 +14,7 @@ use crate::delivery::worker::DeliveryWorkers;
 use crate::directory::{self, Directory};
 use crate::listener::Server;
 use crate::listener::intake::Shared;
+use crate::metrics::{Component, Metrics};
 use crate::policy::dnsbl::Blocklists;
 use crate::queue::Queue;
 use crate::router::worker::{Router, RouterSettings};
@@ -40,6 +42,9 @@ pub struct Running {
     pub directory: Option<Arc<Directory>>,
     pub router: Option<Arc<Router>>,
     pub delivery: Option<Arc<DeliveryWorkers>>,
+    /// The bound admin address, when `admin` is configured.
+    pub admin_address: Option<SocketAddr>,
+    pub metrics: Arc<Metrics>,
 }
 
 pub async fn serve(config: Config, roles: Vec<Role>) -> anyhow::Result<()> {
@@ -66,13 +71,16 @@ pub async fn start(
         );
     }
 
+    let metrics = Arc::new(Metrics::from_config(&config));
     let queue = match &config.queue {
         Some(settings) => Some(Queue::new(&settings.database)?),
         None => None,
     };
     let directory = queue.as_ref().map(|_| Arc::new(Directory::new()));
     let delivery = match (&queue, wants_delivery) {
-        (Some(queue), true) => Some(Arc::new(delivery_workers(queue, &config)?)),
+        (Some(queue), true) => Some(Arc::new(
+            delivery_workers(queue, &config)?.with_metrics(Arc::clone(&metrics)),
+        )),
         _ => None,
     };
     let router = match (&queue, &directory, wants_router) {
@@ -82,6 +90,7 @@ pub async fn start(
                 Arc::clone(directory),
                 router_settings(&config),
             );
+            router.set_metrics(Arc::clone(&metrics));
             if let Some(delivery) = &delivery {
                 router.set_delivery_wake(delivery.wake_handle());
             }
@@ -97,9 +106,57 @@ pub async fn start(
             Arc::clone(directory),
             config.clone(),
             settings.janitor_interval,
+            Arc::clone(&metrics),
             queue_ready.clone(),
             shutdown.clone(),
         ));
+    }
+
+    let admin_config = config.admin.clone();
+    let readiness = Arc::new(Readiness::new(
+        wants_listener,
+        queue.clone().map(|queue| (queue, queue_ready.clone())),
+        admin_config
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(2), |admin| {
+                admin.check_timeout
+            }),
+    ));
+    // The admin listener stays up while the tiers drain, so the process
+    // reports itself unready and can still be scraped.
+    let admin_shutdown = CancellationToken::new();
+    let mut admin_address = None;
+    let mut admin_task = None;
+    if let Some(admin) = &admin_config {
+        let server = AdminServer::bind(
+            admin.address,
+            AdminState {
+                metrics: Arc::clone(&metrics),
+                readiness: Arc::clone(&readiness),
+                queue: queue.clone(),
+                directory: directory.clone(),
+            },
+        )
+        .await?;
+        admin_address = server.local_address();
+        admin_task = Some(tokio::spawn(server.run(admin_shutdown.clone())));
+        if let Some(queue) = &queue {
+            tokio::spawn(crate::metrics::collector::run(
+                queue.clone(),
+                Arc::clone(&metrics),
+                admin.queue_interval,
+                admin.check_timeout,
+                shutdown.clone(),
+            ));
+        }
+    }
+    {
+        let readiness = Arc::clone(&readiness);
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            readiness.set_shutting_down();
+        });
     }
 
     let mut tasks = Vec::new();
@@ -112,10 +169,14 @@ pub async fn start(
             directory: directory.clone(),
             router_wake: router.as_ref().map(|r| r.wake_handle()),
             blocklists,
+            metrics: Arc::clone(&metrics),
         });
         let server = Server::bind(shared).await?;
         addresses = server.local_addresses();
         tasks.push(tokio::spawn(server.run(shutdown.clone())));
+        // The sockets are bound and listening: connections wait in the
+        // backlog until the accept loops take them.
+        readiness.set_listening();
     }
     if let Some(router) = &router {
         tasks.push(tokio::spawn(Arc::clone(router).run(shutdown.clone())));
@@ -129,6 +190,10 @@ pub async fn start(
         for task in tasks {
             let _ = task.await;
         }
+        admin_shutdown.cancel();
+        if let Some(task) = admin_task {
+            let _ = task.await;
+        }
     });
     Ok(Running {
         handle,
@@ -136,6 +201,8 @@ pub async fn start(
         directory,
         router,
         delivery,
+        admin_address,
+        metrics,
     })
 }
 
@@ -178,6 +245,7 @@ async fn maintain_queue(
     directory: Arc<Directory>,
     config: Config,
     janitor_interval: std::time::Duration,
+    metrics: Arc<Metrics>,
     ready: CancellationToken,
     shutdown: CancellationToken,
 ) {
@@ -192,7 +260,14 @@ async fn maintain_queue(
                 break;
             }
             Err(error) => {
-                tracing::error!(error = %format!("{error:#}"), retry_seconds = MIGRATION_RETRY.as_secs(), "queue migration failed; spooling fails until it succeeds");
+                metrics.database_error(Component::Janitor);
+                let error = format!("{error:#}");
+                crate::log_limited!(error, suppressed => tracing::error!(
+                    error = %error,
+                    suppressed,
+                    retry_seconds = MIGRATION_RETRY.as_secs(),
+                    "queue migration failed; spooling fails until it succeeds"
+                ));
             }
         }
         tokio::select! {
@@ -210,6 +285,7 @@ async fn maintain_queue(
             settings.database.url.clone(),
             directory,
             config.directory_poll_interval,
+            Arc::clone(&metrics),
             shutdown.clone(),
         ));
     }
@@ -219,13 +295,29 @@ async fn maintain_queue(
             () = tokio::time::sleep(janitor_interval) => {}
             () = shutdown.cancelled() => return,
         }
+        let janitor = metrics.queue.as_ref();
         match queue.remove_expired_receiving().await {
             Ok(0) => {}
-            Ok(removed) => tracing::info!(removed, "janitor removed unfinished messages"),
-            Err(error) => tracing::warn!(error = %error, "janitor failed"),
+            Ok(removed) => {
+                if let Some(janitor) = janitor {
+                    janitor.receiving_removed.inc_by(removed);
+                }
+                tracing::info!(removed, "janitor removed unfinished messages");
+            }
+            Err(error) => {
+                metrics.database_error(Component::Janitor);
+                crate::log_limited!(error.to_string(), suppressed => tracing::warn!(
+                    error = %error,
+                    suppressed,
+                    "janitor failed"
+                ));
+            }
         }
         match queue.upkeep().await {
             Ok(upkeep) => {
+                if let Some(janitor) = janitor {
+                    janitor.leases_expired.inc_by(upkeep.leases_returned);
+                }
                 if upkeep.leases_returned > 0 {
                     tracing::warn!(
                         leases = upkeep.leases_returned,
@@ -245,7 +337,14 @@ async fn maintain_queue(
                     );
                 }
             }
-            Err(error) => tracing::warn!(error = %error, "queue upkeep failed"),
+            Err(error) => {
+                metrics.database_error(Component::Janitor);
+                crate::log_limited!(error.to_string(), suppressed => tracing::warn!(
+                    error = %error,
+                    suppressed,
+                    "queue upkeep failed"
+                ));
+            }
         }
     }
 }

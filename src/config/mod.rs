@@ -19,9 +19,11 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+mod admin;
 mod auth;
 mod delivery;
 
+pub use admin::AdminConfig;
 pub use auth::{AuthSettings, ListenerAuth, Mechanism};
 pub use delivery::{DeliveryConfig, TlsMode};
 
@@ -95,6 +97,8 @@ pub struct Config {
     /// How often the directory version is polled when no notification came.
     pub directory_poll_interval: Duration,
     pub log: LogConfig,
+    /// The HTTP listener for metrics and health checks; None: not served.
+    pub admin: Option<AdminConfig>,
 }
 
 #[derive(Clone, Debug)]
@@ -278,6 +282,7 @@ struct RawConfig {
     auth: auth::RawAuth,
     #[serde(default)]
     log: RawLog,
+    admin: Option<admin::RawAdmin>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -676,6 +681,7 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         format: raw.log.format.unwrap_or(LogFormat::Text),
         filter: raw.log.filter.unwrap_or_else(|| "info".to_string()),
     };
+    let admin = admin::convert_admin(raw.admin.as_ref(), checker);
 
     Config {
         hostname,
@@ -693,6 +699,7 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         dnsbl: Vec::new(),
         directory_poll_interval,
         log,
+        admin,
     }
 }
 

@@ -97,6 +97,12 @@ pub struct RecordSummary {
     /// Outcomes dropped because another worker holds the lease now.
     pub lost: usize,
     pub notifications: usize,
+    /// Notifications by type: failure (bounces), delay, and success.
+    pub failure_notifications: usize,
+    pub delay_notifications: usize,
+    pub success_notifications: usize,
+    /// Recorded outcomes of deliveries that had been attempted before.
+    pub retries: usize,
     pub completed_messages: usize,
 }
 
@@ -280,6 +286,9 @@ impl DeliveryStore {
                 summary.lost += 1;
                 continue;
             }
+            if delivery.attempts > 0 {
+                summary.retries += 1;
+            }
             match transition.state {
                 "delivered" => summary.delivered += 1,
                 "failed" => summary.failed += 1,
@@ -309,6 +318,15 @@ impl DeliveryStore {
             .map_err(|error| StoreError::Notification(error.to_string()))?;
             if let Some(notification_id) = spooled {
                 summary.notifications += 1;
+                // A notification with any failed recipient is a bounce.
+                let actions = || recipients.iter().map(|recipient| recipient.action);
+                if actions().any(|action| action == DsnAction::Failed) {
+                    summary.failure_notifications += 1;
+                } else if actions().any(|action| action == DsnAction::Delayed) {
+                    summary.delay_notifications += 1;
+                } else {
+                    summary.success_notifications += 1;
+                }
                 tracing::info!(
                     queue_id = %message_id.simple(),
                     notification_id = %notification_id.simple(),

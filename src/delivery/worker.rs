@@ -19,6 +19,7 @@ use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, GroupConfig, TlsMode};
+use crate::metrics::{self, Component, DestinationKind, Metrics, NotificationKind};
 
 use super::body::StoredBody;
 use super::dsn::DsnAction;
@@ -97,6 +98,7 @@ pub struct DeliveryWorkers {
     /// Open sessions per destination.
     active: Mutex<HashMap<String, usize>>,
     shutdown_grace: std::time::Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl DeliveryWorkers {
@@ -116,7 +118,14 @@ impl DeliveryWorkers {
             active: Mutex::new(HashMap::new()),
             shutdown_grace: config.timeouts.shutdown_grace,
             store,
+            metrics: Arc::new(Metrics::default()),
         })
+    }
+
+    /// Counts into `metrics` instead of a registry of the workers' own.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> DeliveryWorkers {
+        self.metrics = metrics;
+        self
     }
 
     /// A handle that wakes the scheduler when deliveries were written.
@@ -160,9 +169,13 @@ impl DeliveryWorkers {
                 }
                 Err(error) => {
                     failures = failures.saturating_add(1);
-                    if failures == 1 || failures.is_multiple_of(10) {
-                        tracing::warn!(error = %error, failures, "looking for due deliveries failed; retrying");
-                    }
+                    self.metrics.database_error(Component::Delivery);
+                    crate::log_limited!(error.to_string(), suppressed => tracing::warn!(
+                        error = %error,
+                        failures,
+                        suppressed,
+                        "looking for due deliveries failed; retrying"
+                    ));
                 }
             }
             tokio::select! {
@@ -233,7 +246,9 @@ impl DeliveryWorkers {
             let destination = destination.to_string();
             let shutdown = shutdown.clone();
             tokio::spawn(async move {
+                workers.metrics.delivery.sessions.inc();
                 let claimed = workers.session(&destination, failures, &shutdown).await;
+                workers.metrics.delivery.sessions.dec();
                 {
                     let mut active = workers.active.lock().expect("active sessions lock");
                     if let Some(count) = active.get_mut(&destination) {
@@ -286,7 +301,15 @@ impl DeliveryWorkers {
         match result {
             Ok(claimed) => claimed,
             Err(error) => {
-                tracing::warn!(destination, error = %error, "delivery session failed; its leases expire and the work is retried");
+                if matches!(error, StoreError::Pool(_) | StoreError::Database(_)) {
+                    self.metrics.database_error(Component::Delivery);
+                }
+                crate::log_limited!(format!("{destination}: {error}"), suppressed => tracing::warn!(
+                    destination,
+                    error = %error,
+                    suppressed,
+                    "delivery session failed; its leases expire and the work is retried"
+                ));
                 1
             }
         }
@@ -395,9 +418,13 @@ impl DeliveryWorkers {
             first.message_id,
             first.message.chunk_count,
         );
+        let started = std::time::Instant::now();
         let result = connection
             .send(&envelope, &recipients, &first.header_prefix, &mut body)
             .await;
+        if let Some(kind) = DestinationKind::of(destination) {
+            self.metrics.delivery.observe(kind, started.elapsed());
+        }
         // A server without DSN support cannot report success, so we do.
         let success_action = match (connection.capabilities().dsn, route_is_mailbox(destination)) {
             (_, true) => Some(DsnAction::Delivered),
@@ -430,6 +457,7 @@ impl DeliveryWorkers {
         results: &[(&ClaimedDelivery, DeliveryResult)],
     ) -> Result<(), StoreError> {
         let summary = self.store.record(results).await?;
+        self.count(destination, &summary);
         for (delivery, result) in results {
             let outcome = match &result.outcome {
                 Outcome::Delivered { .. } => "delivered",
@@ -461,6 +489,32 @@ impl DeliveryWorkers {
         Ok(())
     }
 
+    /// Counts what one record did in the metrics.
+    fn count(&self, destination: &str, summary: &super::store::RecordSummary) {
+        let delivery = &self.metrics.delivery;
+        if let Some(kind) = DestinationKind::of(destination) {
+            let results = [
+                (metrics::DeliveryResult::Delivered, summary.delivered),
+                (metrics::DeliveryResult::Deferred, summary.deferred),
+                (metrics::DeliveryResult::Bounced, summary.failed),
+                (metrics::DeliveryResult::Expired, summary.expired),
+            ];
+            for (result, count) in results {
+                delivery.outcomes(kind, result, count as u64);
+            }
+            delivery.retries(kind, summary.retries as u64);
+        }
+        delivery.outcomes_lost.inc_by(summary.lost as u64);
+        let notifications = [
+            (NotificationKind::Failure, summary.failure_notifications),
+            (NotificationKind::Delay, summary.delay_notifications),
+            (NotificationKind::Success, summary.success_notifications),
+        ];
+        for (kind, count) in notifications {
+            delivery.notifications(kind, count as u64);
+        }
+    }
+
     /// Records a failed connection attempt for the claimed deliveries and
     /// backs the destination off when the failure is temporary.
     async fn connect_failed(
@@ -480,6 +534,9 @@ impl DeliveryWorkers {
         };
         if let ConnectFailure::Temporary(reply) = &failure {
             *failures += 1;
+            if let Some(kind) = DestinationKind::of(destination) {
+                self.metrics.delivery.connect_failed(kind);
+            }
             tracing::warn!(destination, failures = *failures, error = %reply, "destination unreachable; backing off");
             self.store
                 .defer_destination(destination, *failures, reply)
@@ -626,7 +683,11 @@ impl DeliveryWorkers {
             for message in transactions(&claimed) {
                 let mut results = Vec::with_capacity(message.len());
                 for delivery in message {
+                    let started = std::time::Instant::now();
                     let outcome = self.write_maildir(path, delivery).await;
+                    self.metrics
+                        .delivery
+                        .observe(DestinationKind::Maildir, started.elapsed());
                     results.push((
                         delivery,
                         DeliveryResult {

@@ -18,6 +18,7 @@ mod watch;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwapOption;
 
@@ -296,6 +297,20 @@ fn login_address(login: &str) -> Option<String> {
 #[derive(Default)]
 pub struct Directory {
     current: ArcSwapOption<Snapshot>,
+    /// Unix time in milliseconds of the last load; 0 before the first.
+    loaded_at: AtomicU64,
+    /// Unix time in milliseconds at which the version was last found current.
+    checked_at: AtomicU64,
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+fn seconds(millis: u64) -> Option<f64> {
+    (millis > 0).then(|| millis as f64 / 1000.0)
 }
 
 impl Directory {
@@ -310,6 +325,25 @@ impl Directory {
 
     pub fn replace(&self, snapshot: Snapshot) {
         self.current.store(Some(Arc::new(snapshot)));
+        let now = unix_millis();
+        self.loaded_at.store(now, Ordering::Relaxed);
+        self.checked_at.store(now, Ordering::Relaxed);
+    }
+
+    /// Notes that the snapshot in force was compared with the database's
+    /// version and found current.
+    pub fn mark_checked(&self) {
+        self.checked_at.store(unix_millis(), Ordering::Relaxed);
+    }
+
+    /// Unix time in seconds of the last load, None before the first.
+    pub fn loaded_at(&self) -> Option<f64> {
+        seconds(self.loaded_at.load(Ordering::Relaxed))
+    }
+
+    /// Unix time in seconds of the last check or load, None before the first.
+    pub fn checked_at(&self) -> Option<f64> {
+        seconds(self.checked_at.load(Ordering::Relaxed))
     }
 
     pub fn version(&self) -> Option<i64> {

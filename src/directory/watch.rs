@@ -10,6 +10,7 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use super::{Directory, load_snapshot};
+use crate::metrics::{Component, Metrics};
 
 /// Wait before reconnecting after the database connection failed.
 const RECONNECT_DELAY: Duration = Duration::from_secs(5);
@@ -20,11 +21,19 @@ pub async fn watch(
     url: String,
     directory: Arc<Directory>,
     poll_interval: Duration,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
     loop {
-        if let Err(error) = watch_connection(&url, &directory, poll_interval, &shutdown).await {
-            tracing::warn!(error = %error, "directory watch failed; reconnecting");
+        if let Err(error) =
+            watch_connection(&url, &directory, poll_interval, &metrics, &shutdown).await
+        {
+            metrics.database_error(Component::Directory);
+            crate::log_limited!(error.to_string(), suppressed => tracing::warn!(
+                error = %error,
+                suppressed,
+                "directory watch failed; reconnecting"
+            ));
         }
         tokio::select! {
             () = tokio::time::sleep(RECONNECT_DELAY) => {}
@@ -37,6 +46,7 @@ async fn watch_connection(
     url: &str,
     directory: &Directory,
     poll_interval: Duration,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<(), tokio_postgres::Error> {
     let (mut client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
@@ -62,7 +72,7 @@ async fn watch_connection(
 
     client.batch_execute("LISTEN wsmtp_directory").await?;
     // Load after LISTEN, so a change between the two is not missed.
-    reload_if_changed(&mut client, directory).await?;
+    reload_if_changed(&mut client, directory, metrics).await?;
 
     let result = loop {
         tokio::select! {
@@ -76,7 +86,7 @@ async fn watch_connection(
             }
             () = tokio::time::sleep(poll_interval) => {}
         }
-        if let Err(error) = reload_if_changed(&mut client, directory).await {
+        if let Err(error) = reload_if_changed(&mut client, directory, metrics).await {
             break Err(error);
         }
     };
@@ -87,12 +97,14 @@ async fn watch_connection(
 async fn reload_if_changed(
     client: &mut tokio_postgres::Client,
     directory: &Directory,
+    metrics: &Metrics,
 ) -> Result<(), tokio_postgres::Error> {
     let version: i64 = client
         .query_one("SELECT version FROM directory_version WHERE id = 1", &[])
         .await?
         .get(0);
     if directory.version() == Some(version) {
+        directory.mark_checked();
         return Ok(());
     }
     let started = Instant::now();
@@ -107,9 +119,14 @@ async fn reload_if_changed(
                 "directory loaded"
             );
             directory.replace(snapshot);
+            metrics.directory.reloaded(true);
         }
-        Err(super::load::LoadError::Database(error)) => return Err(error),
+        Err(super::load::LoadError::Database(error)) => {
+            metrics.directory.reloaded(false);
+            return Err(error);
+        }
         Err(error) => {
+            metrics.directory.reloaded(false);
             tracing::error!(error = %error, "directory not reloaded; the previous one stays in force")
         }
     }

@@ -27,18 +27,20 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::directory::Directory;
+use crate::metrics::{Component, LookupResult, Metrics, PassthroughStep, RecipientDecision};
 use crate::passthrough::Relay;
-use crate::policy::dnsbl::{Blocklists, DnsblResults};
+use crate::policy::dnsbl::{Blocklists, DnsblResults, Listing};
 use crate::policy::{self, Action, DirectoryView, Route, SessionFacts};
 use crate::queue::{self, Queue, SpoolRecipient, SpoolWriter};
 use crate::smtp::envelope::{Envelope, Recipient};
 use crate::smtp::reply::Reply;
-use crate::smtp::session::{ClientInfo, Handler};
+use crate::smtp::session::{ClientInfo, ContentRoute, Handler};
 
 /// State shared by every session of the listener.
 pub struct Shared {
@@ -50,6 +52,7 @@ pub struct Shared {
     pub router_wake: Option<Arc<Notify>>,
     /// The DNS blocklists that rules name; None when no rule names one.
     pub blocklists: Option<Arc<Blocklists>>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A group's failure to take the transaction.
@@ -108,6 +111,8 @@ pub struct Intake {
     client_checked: bool,
     /// The sender domain whose results are in `dnsbl`.
     checked_domain: Option<String>,
+    /// The destination of the current transaction's content.
+    content_route: ContentRoute,
 }
 
 impl Intake {
@@ -123,6 +128,19 @@ impl Intake {
             dnsbl: DnsblResults::new(),
             client_checked: false,
             checked_domain: None,
+            content_route: ContentRoute::None,
+        }
+    }
+
+    /// Counts the results of one blocklist check by zone.
+    fn count_lookups(&self, results: &[(String, Listing)]) {
+        for (zone, listing) in results {
+            let result = match listing {
+                Listing::Listed { .. } => LookupResult::Listed,
+                Listing::NotListed => LookupResult::NotListed,
+                Listing::Failed(_) => LookupResult::Error,
+            };
+            self.shared.metrics.dnsbl.lookup(zone, result);
         }
     }
 
@@ -135,6 +153,7 @@ impl Intake {
         if blocklists.has_ip_zones() && !self.client_checked {
             self.client_checked = true;
             let results = blocklists.check_client(client.peer.ip()).await;
+            self.count_lookups(&results);
             self.dnsbl.extend(results);
         }
         let domain = envelope
@@ -146,6 +165,7 @@ impl Intake {
             && self.checked_domain.as_deref() != Some(domain)
         {
             let results = blocklists.check_domain(domain).await;
+            self.count_lookups(&results);
             self.dnsbl.extend(results);
             self.checked_domain = Some(domain.to_string());
         }
@@ -186,6 +206,25 @@ impl Intake {
                 unavailable: false,
             });
         };
+        let metrics = self.shared.metrics.passthrough.group(group);
+        let connect = async || {
+            let started = Instant::now();
+            let opened = Relay::open(group_config, &config.hostname).await;
+            match &opened {
+                Ok(_) => metrics.observe(PassthroughStep::Connect, started.elapsed()),
+                Err(error) => {
+                    metrics.error(PassthroughStep::Connect);
+                    crate::log_limited!(format!("{group}: {error}"), suppressed => tracing::warn!(
+                        queue_id = %envelope.queue_id(),
+                        group,
+                        error = %error,
+                        suppressed,
+                        "downstream group unreachable"
+                    ));
+                }
+            }
+            opened.map_err(|_| GroupFailure::unavailable(Reply::downstream_unavailable()))
+        };
         let idle = self.idle_relay.take();
         let mut relay = match idle {
             Some(relay) if relay.group() == group => relay,
@@ -193,31 +232,28 @@ impl Intake {
                 if let Some(relay) = other {
                     relay.quit().await;
                 }
-                match Relay::open(group_config, &config.hostname).await {
-                    Ok(relay) => relay,
-                    Err(error) => {
-                        tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream group unreachable");
-                        return Err(GroupFailure::unavailable(Reply::downstream_unavailable()));
-                    }
-                }
+                connect().await?
             }
         };
+        let started = Instant::now();
         let mail_reply = match relay.mail(envelope).await {
             Ok(reply) => reply,
             Err(first_error) => {
                 // A reused session may have been closed by the server while
                 // idle; one fresh connection is worth a try.
                 tracing::debug!(group, error = %first_error, "downstream session failed at MAIL, reconnecting");
-                relay = Relay::open(group_config, &config.hostname).await.map_err(|error| {
-                    tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream group unreachable");
-                    GroupFailure::unavailable(Reply::downstream_unavailable())
-                })?;
-                relay.mail(envelope).await.map_err(|error| {
+                relay = connect().await?;
+                let started = Instant::now();
+                let reply = relay.mail(envelope).await.map_err(|error| {
+                    metrics.error(PassthroughStep::Mail);
                     tracing::warn!(queue_id = %envelope.queue_id(), group, error = %error, "downstream failed at MAIL");
                     GroupFailure::unavailable(Reply::downstream_failed())
-                })?
+                })?;
+                metrics.observe(PassthroughStep::Mail, started.elapsed());
+                return Ok((relay, reply));
             }
         };
+        metrics.observe(PassthroughStep::Mail, started.elapsed());
         Ok((relay, mail_reply))
     }
 
@@ -275,7 +311,14 @@ impl Intake {
         let Mode::Relaying(relay) = &mut self.mode else {
             return Reply::internal_error();
         };
-        match relay.rcpt(recipient).await {
+        let metrics = self.shared.metrics.passthrough.group(group);
+        let started = Instant::now();
+        let rcpt = relay.rcpt(recipient).await;
+        match &rcpt {
+            Ok(_) => metrics.observe(PassthroughStep::Rcpt, started.elapsed()),
+            Err(_) => metrics.error(PassthroughStep::Rcpt),
+        }
+        match rcpt {
             Ok(reply) => {
                 if reply.is_positive() {
                     self.recipients
@@ -346,23 +389,69 @@ impl Intake {
         self.mode = next;
     }
 
+    /// Logs a recipient's decision and counts it. A refusal is counted with
+    /// the rule that made it, or with downstream, queue or mixed_routes when
+    /// the policy accepted the recipient but it could not be taken.
     fn log_decision(
+        &self,
         client: &ClientInfo,
         envelope: &Envelope,
         recipient: &Recipient,
         decision: &policy::Decision,
         reply: &Reply,
     ) {
+        let outcome = if reply.is_permanent() {
+            RecipientDecision::Reject
+        } else if reply.is_transient() {
+            RecipientDecision::Tempfail
+        } else {
+            match &decision.action {
+                Action::Accept(Route::Local) => RecipientDecision::Local,
+                _ => RecipientDecision::Relay,
+            }
+        };
+        // A refusal the policy did not make is a mix of routes without a
+        // queue, a downstream that failed (X.4.X) or refused, or a queue
+        // that could not take the recipient.
+        let network_failure = reply.enhanced().is_some_and(|code| code.1 == 4);
+        let reason = match &decision.action {
+            _ if reply.is_positive() => "",
+            Action::Reject(_) => decision.rule_label(),
+            _ if *reply == Reply::mixed_routes_need_new_transaction() => "mixed_routes",
+            Action::Accept(Route::Group(_)) => "downstream",
+            Action::Accept(Route::Local) if network_failure => "downstream",
+            Action::Accept(Route::Local) => "queue",
+        };
+        self.shared.metrics.smtp.recipient_decided(outcome, reason);
         tracing::info!(
             queue_id = %envelope.queue_id(),
-            client = %client.peer.ip(),
+            client_ip = %client.peer.ip(),
+            helo = %client.helo,
             sender = %envelope.sender_text(),
             recipient = %recipient.address.to_smtp(),
-            decision = decision.kind(),
+            decision = %outcome.as_str(),
             rule = %decision.rule,
             reply = %reply.summary(),
             "recipient decided"
         );
+    }
+
+    /// Sends the end of the content and times the downstream's final reply.
+    async fn finish_relay(
+        metrics: &Metrics,
+        relay: &mut Relay,
+    ) -> Result<Reply, crate::passthrough::RelayError> {
+        let metrics = metrics.passthrough.group(relay.group());
+        let started = Instant::now();
+        let result = relay.finish().await;
+        match &result {
+            Ok(reply) => {
+                metrics.observe(PassthroughStep::Data, started.elapsed());
+                metrics.message(reply.code());
+            }
+            Err(_) => metrics.error(PassthroughStep::Data),
+        }
+        result
     }
 
     fn queue_envelope(client_ip: IpAddr, helo: &str, envelope: &Envelope) -> queue::Envelope {
@@ -433,7 +522,7 @@ impl Handler for Intake {
                 self.relay_recipient(&group, envelope, recipient).await
             }
         };
-        Intake::log_decision(client, envelope, recipient, &decision, &reply);
+        self.log_decision(client, envelope, recipient, &decision, &reply);
         reply
     }
 
@@ -446,6 +535,7 @@ impl Handler for Intake {
             Mode::Relaying(mut relay) => match relay.data().await {
                 Ok(None) => {
                     self.sink = Sink::Relay(relay);
+                    self.content_route = ContentRoute::Relay;
                     Ok(())
                 }
                 Ok(Some(reply)) => {
@@ -464,6 +554,7 @@ impl Handler for Intake {
                 let queue_envelope =
                     Intake::queue_envelope(client.peer.ip(), &client.helo, envelope);
                 self.sink = Sink::Spool(Box::new(queue.begin(queue_envelope)));
+                self.content_route = ContentRoute::Spool;
                 Ok(())
             }
             Mode::Broken => Err(Reply::downstream_failed()),
@@ -478,7 +569,13 @@ impl Handler for Intake {
                 Reply::downstream_failed()
             }),
             Sink::Spool(writer) => writer.write(data).await.map_err(|error| {
-                tracing::warn!(queue_id = %writer.id().simple(), error = %error, "queue write failed");
+                self.shared.metrics.database_error(Component::Listener);
+                crate::log_limited!(error.to_string(), suppressed => tracing::warn!(
+                    queue_id = %writer.id().simple(),
+                    error = %error,
+                    suppressed,
+                    "queue write failed"
+                ));
                 Reply::queue_unavailable()
             }),
             Sink::None => Err(Reply::internal_error()),
@@ -487,23 +584,25 @@ impl Handler for Intake {
 
     async fn finish_message(&mut self, _client: &ClientInfo, envelope: &Envelope) -> Reply {
         match std::mem::replace(&mut self.sink, Sink::None) {
-            Sink::Relay(mut relay) => match relay.finish().await {
-                Ok(reply) => {
-                    tracing::info!(
-                        queue_id = %envelope.queue_id(),
-                        group = relay.group(),
-                        host = relay.host(),
-                        reply = %reply.summary(),
-                        "passed through"
-                    );
-                    self.idle_relay = Some(*relay);
-                    reply
+            Sink::Relay(mut relay) => {
+                match Intake::finish_relay(&self.shared.metrics, &mut relay).await {
+                    Ok(reply) => {
+                        tracing::info!(
+                            queue_id = %envelope.queue_id(),
+                            group = relay.group(),
+                            host = relay.host(),
+                            reply = %reply.summary(),
+                            "passed through"
+                        );
+                        self.idle_relay = Some(*relay);
+                        reply
+                    }
+                    Err(error) => {
+                        tracing::warn!(queue_id = %envelope.queue_id(), error = %error, "downstream failed after DATA");
+                        Reply::downstream_failed()
+                    }
                 }
-                Err(error) => {
-                    tracing::warn!(queue_id = %envelope.queue_id(), error = %error, "downstream failed after DATA");
-                    Reply::downstream_failed()
-                }
-            },
+            }
             Sink::Spool(writer) => match writer.commit(&self.recipients).await {
                 Ok(()) => {
                     tracing::info!(queue_id = %envelope.queue_id(), recipients = self.recipients.len(), "spooled");
@@ -513,7 +612,13 @@ impl Handler for Intake {
                     Reply::queued(&envelope.queue_id())
                 }
                 Err(error) => {
-                    tracing::error!(queue_id = %envelope.queue_id(), error = %error, "queue commit failed");
+                    self.shared.metrics.database_error(Component::Listener);
+                    crate::log_limited!(error.to_string(), suppressed => tracing::error!(
+                        queue_id = %envelope.queue_id(),
+                        error = %error,
+                        suppressed,
+                        "queue commit failed"
+                    ));
                     Reply::queue_unavailable()
                 }
             },
@@ -544,5 +649,10 @@ impl Handler for Intake {
         self.recipients.clear();
         self.failed_groups.clear();
         self.fallback_logged = false;
+        self.content_route = ContentRoute::None;
+    }
+
+    fn content_route(&self) -> ContentRoute {
+        self.content_route
     }
 }

@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
 use crate::config::{ListenerConfig, ProxyProtocolConfig, TlsFiles};
+use crate::metrics::{ConnectionRejection, Metrics};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Session, SessionAuth, SessionConfig};
 use intake::{Intake, Shared};
@@ -40,16 +41,22 @@ struct ConnectionLimits {
     max_per_ip: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
     total: std::sync::atomic::AtomicUsize,
+    metrics: Arc<Metrics>,
 }
 
 /// Held by a session; releases its connection slot when dropped.
 struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
     ip: IpAddr,
+    /// `wsmtp_connections_open`, decreased when the slot is released.
+    open_gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl ConnectionLimits {
-    fn acquire(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Reply> {
+    fn acquire(
+        self: &Arc<Self>,
+        ip: IpAddr,
+    ) -> Result<ConnectionSlot, (Reply, ConnectionRejection)> {
         use std::sync::atomic::Ordering;
         // A poisoned lock means a session panicked while holding it; the
         // counters are still usable, so recover the guard.
@@ -58,17 +65,24 @@ impl ConnectionLimits {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if self.total.load(Ordering::Relaxed) >= self.max_total {
-            return Err(Reply::too_many_connections());
+            return Err((
+                Reply::too_many_connections(),
+                ConnectionRejection::MaxConnections,
+            ));
         }
         let count = open.entry(ip).or_insert(0);
         if *count >= self.max_per_ip {
-            return Err(Reply::too_many_connections_from_ip());
+            return Err((
+                Reply::too_many_connections_from_ip(),
+                ConnectionRejection::MaxConnectionsPerIp,
+            ));
         }
         *count += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionSlot {
             limits: Arc::clone(self),
             ip,
+            open_gauge: self.metrics.smtp.connections_open.clone(),
         })
     }
 }
@@ -88,6 +102,7 @@ impl Drop for ConnectionSlot {
             }
         }
         self.limits.total.fetch_sub(1, Ordering::Relaxed);
+        self.open_gauge.dec();
     }
 }
 
@@ -130,6 +145,7 @@ impl Server {
                 tls,
                 implicit_tls: listener.tls.as_ref().is_some_and(|files| files.implicit),
                 auth: session_auth(listener, authenticator.as_ref())?,
+                metrics: Arc::clone(&shared.metrics),
             });
             let socket = TcpListener::bind(listener.address)
                 .await
@@ -145,6 +161,7 @@ impl Server {
             max_per_ip: config.limits.max_connections_per_ip,
             open: Mutex::new(HashMap::new()),
             total: std::sync::atomic::AtomicUsize::new(0),
+            metrics: Arc::clone(&shared.metrics),
         });
         Ok(Server {
             sockets,
@@ -233,14 +250,19 @@ impl ListenerContext {
         client: SocketAddr,
         local: SocketAddr,
     ) -> Option<(Session<Intake>, ConnectionSlot)> {
+        let metrics = &self.shared.metrics;
         let slot = match self.limits.acquire(client.ip()) {
             Ok(slot) => slot,
-            Err(reply) => {
-                tracing::info!(client = %client.ip(), reply = %reply.summary(), "connection refused by limit");
+            Err((reply, reason)) => {
+                metrics.smtp.connection_rejected(reason);
+                metrics.smtp.reply_sent(reply.code());
+                tracing::info!(client_ip = %client.ip(), reply = %reply.summary(), "connection refused by limit");
                 tokio::spawn(refuse(stream, reply));
                 return None;
             }
         };
+        metrics.smtp.connections_accepted.inc();
+        metrics.smtp.connections_open.inc();
         let session = Session::new(
             Arc::clone(&self.session_config),
             stream,
@@ -281,6 +303,10 @@ impl ListenerContext {
                 return;
             }
             Err(error) => {
+                self.shared
+                    .metrics
+                    .smtp
+                    .connection_rejected(ConnectionRejection::ProxyHeader);
                 tracing::warn!(peer = %peer, error = %error, "PROXY header missing or invalid; connection closed");
                 return;
             }

@@ -50,7 +50,13 @@ impl Relay {
             match Relay::open_host(group, host, ehlo_name).await {
                 Ok(relay) => return Ok(relay),
                 Err(error) => {
-                    tracing::warn!(group = %group.name, host = %host, error = %error, "downstream host failed");
+                    crate::log_limited!(format!("{host}: {error}"), suppressed => tracing::warn!(
+                        group = %group.name,
+                        host = %host,
+                        error = %error,
+                        suppressed,
+                        "downstream host failed"
+                    ));
                     failures.push(error);
                 }
             }

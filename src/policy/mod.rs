@@ -68,11 +68,32 @@ pub enum Action {
     Reject(Reply),
 }
 
+/// The names of the built-in rules, as they start [`Decision::rule`]; some
+/// are followed by the network, domain, account or list in brackets.
+pub const BUILT_IN_RULES: &[&str] = &[
+    "postmaster",
+    "routing_characters",
+    "address_literal",
+    "local_domains",
+    "directory_loading",
+    "unknown_user",
+    "relay_domains",
+    "directory_relay",
+    "migrating",
+    "account",
+    "list",
+    "authenticated",
+    "relay_networks",
+    "no_relay",
+];
+
 /// A decision and the rule that made it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     pub action: Action,
     pub rule: String,
+    /// The name of the operator's rule that decided; None for a built-in rule.
+    rule_name: Option<String>,
 }
 
 impl Decision {
@@ -80,6 +101,7 @@ impl Decision {
         Decision {
             action: Action::Accept(route),
             rule: rule.into(),
+            rule_name: None,
         }
     }
 
@@ -87,7 +109,23 @@ impl Decision {
         Decision {
             action: Action::Reject(reply),
             rule: rule.into(),
+            rule_name: None,
         }
+    }
+
+    /// The rule's name without what follows it in brackets, for metric
+    /// labels: one of [`BUILT_IN_RULES`], or the name of the operator's
+    /// rule. It never contains an address, a network or an account.
+    pub fn rule_label(&self) -> &str {
+        if let Some(name) = &self.rule_name {
+            return name;
+        }
+        let base = self.rule.split('[').next().unwrap_or_default();
+        BUILT_IN_RULES
+            .iter()
+            .find(|name| **name == base)
+            .copied()
+            .unwrap_or("other")
     }
 
     /// A short name of the action for log lines: local, relay or reject.
@@ -287,7 +325,10 @@ pub fn decide(
             dnsbl: session.dnsbl,
         };
         if let Some(found) = rules.first_match(&facts) {
-            return rule_decision(relay, directory, recipient, found);
+            let name = found.rule().name.clone();
+            let mut decision = rule_decision(relay, directory, recipient, found);
+            decision.rule_name = Some(name);
+            return decision;
         }
     }
     decide_recipient(
@@ -528,6 +569,52 @@ mod tests {
             "postmaster@example.com",
         );
         assert_eq!(decision.kind(), "local", "postmaster never waits");
+    }
+
+    #[test]
+    fn rule_labels_drop_bracketed_values() {
+        let cases = [
+            (
+                "127.0.0.2",
+                Some("alice"),
+                "carol@example.org",
+                "authenticated",
+            ),
+            ("127.0.0.1", None, "carol@example.org", "relay_networks"),
+            ("127.0.0.2", None, "bob@example.net", "relay_domains"),
+            ("127.0.0.2", None, "carol@example.org", "no_relay"),
+        ];
+        for (client, account, recipient, label) in cases {
+            let decision = decide_as(DirectoryView::Absent, client, account, recipient);
+            assert_eq!(decision.rule_label(), label, "{client} {recipient}");
+        }
+
+        let rules = RuleSet::parse_text(
+            std::path::Path::new("rules/10-block.yaml"),
+            "- name: block-test-net\n  client: [192.0.2.0/24]\n  action: reject\n",
+            &std::collections::HashSet::new(),
+            &rules::Lists::default(),
+        )
+        .expect("valid rules");
+        let session = SessionFacts {
+            client: "192.0.2.7".parse().expect("ip"),
+            helo: "client.example",
+            auth: None,
+            tls: false,
+            sender: "a@example.org",
+            dnsbl: DnsblResults::none(),
+        };
+        let recipient = Address::parse("bob@example.net").expect("address");
+        let decision = super::decide(
+            &relay_config(),
+            &rules,
+            DirectoryView::Absent,
+            &session,
+            &recipient,
+            false,
+        );
+        assert_eq!(decision.rule, "rules/10-block.yaml:1 block-test-net");
+        assert_eq!(decision.rule_label(), "block-test-net");
     }
 
     #[test]

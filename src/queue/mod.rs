@@ -47,6 +47,7 @@
 //! RFC 1047). Bodies are checked against their digest only when read.
 
 mod admin;
+mod depth;
 mod error;
 mod generated;
 mod inspect;
@@ -66,6 +67,7 @@ pub use admin::{
     DestinationState, DestinationStats, HoldOutcome, QueueStats, ReleaseOutcome, RetryOutcome,
     Target, destination_names,
 };
+pub use depth::{CountAndAge, QueueDepth};
 pub use error::{QueueError, describe_database_error, describe_pool_error};
 pub use generated::insert_generated;
 pub use inspect::{
@@ -270,6 +272,25 @@ impl Queue {
             .await
             .map_err(|e| QueueError::from_pg("ping the database", e))?;
         Ok(())
+    }
+
+    /// Opens a connection outside the pool, with the session settings of
+    /// pooled ones, for a probe that must not wait behind a busy pool. The
+    /// connection is driven by a task of its own until the client is dropped.
+    pub async fn connect_unpooled(&self) -> Result<tokio_postgres::Client, QueueError> {
+        const ACTION: &str = "connect to the database";
+        let (client, connection) = self
+            .inner
+            .pg_config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| QueueError::from_pg(ACTION, e))?;
+        tokio::spawn(async move {
+            // The connection ends with an error when the database goes away;
+            // the probe notices that on its next statement.
+            let _ = connection.await;
+        });
+        Ok(client)
     }
 
     /// Janitor: deletes `receiving` messages whose `expires_at` passed,

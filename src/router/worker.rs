@@ -31,6 +31,7 @@ use crate::delivery::dsn::{DsnAction, DsnRecipient, notify_requests, status_from
 use crate::delivery::notify::{NotificationSettings, spool_notification};
 use crate::delivery::store::complete_messages;
 use crate::directory::Directory;
+use crate::metrics::{Component, Metrics, NotificationKind, RoutingResult};
 use crate::queue::{Queue, QueueId};
 
 /// Header section bytes read for loop detection and auto-replies.
@@ -133,6 +134,14 @@ pub struct Router {
     delivery_wake: Option<Arc<Notify>>,
     auto_reply_settings: AutoReplySettings,
     notifications: NotificationSettings,
+    metrics: Arc<Metrics>,
+}
+
+impl RouterError {
+    /// True for errors of the queue database itself.
+    fn is_database(&self) -> bool {
+        matches!(self, RouterError::Pool(_) | RouterError::Database(_))
+    }
 }
 
 impl Router {
@@ -155,7 +164,13 @@ impl Router {
             delivery_wake: None,
             notifications,
             auto_reply_settings,
+            metrics: Arc::new(Metrics::default()),
         }
+    }
+
+    /// Counts into `metrics` instead of a registry of the router's own.
+    pub fn set_metrics(&mut self, metrics: Arc<Metrics>) {
+        self.metrics = metrics;
     }
 
     /// Wakes `wake` after each routed message that produced deliveries.
@@ -196,10 +211,15 @@ impl Router {
                 Err(RouterError::DirectoryNotLoaded) => 0,
                 Err(error) => {
                     failures = failures.saturating_add(1);
-                    // Repeated failures are logged once per ten to avoid floods.
-                    if failures == 1 || failures.is_multiple_of(10) {
-                        tracing::warn!(worker, error = %error, failures, "routing failed; retrying");
+                    if error.is_database() {
+                        self.metrics.database_error(Component::Router);
                     }
+                    crate::log_limited!(error.to_string(), suppressed => tracing::warn!(
+                        error = %error,
+                        failures,
+                        suppressed,
+                        "routing failed; retrying"
+                    ));
                     0
                 }
             };
@@ -247,8 +267,19 @@ impl Router {
             }
         }
         for (message_id, recipients) in claimed {
-            if let Err(error) = self.route_message(message_id, recipients).await {
-                tracing::warn!(queue_id = %message_id.simple(), error = %error, "message not routed; its lease will expire and it is retried");
+            match self.route_message(message_id, recipients).await {
+                Ok(()) => self.metrics.router.message(RoutingResult::Routed),
+                Err(error) => {
+                    let result = match &error {
+                        RouterError::LeaseLost(_) => RoutingResult::LeaseLost,
+                        _ => RoutingResult::Failed,
+                    };
+                    self.metrics.router.message(result);
+                    if error.is_database() {
+                        self.metrics.database_error(Component::Router);
+                    }
+                    tracing::warn!(queue_id = %message_id.simple(), error = %error, "message not routed; its lease will expire and it is retried");
+                }
             }
         }
         Ok(count)
@@ -343,14 +374,15 @@ impl Router {
             wake.notify_one();
         }
 
-        let duration_ms = started.elapsed().as_millis() as u64;
+        let elapsed = started.elapsed();
         for (message_id, recipients, _, routing) in &routed {
-            log_routing(*message_id, recipients.len(), routing, duration_ms);
+            self.metrics.router.message(RoutingResult::Routed);
+            self.record_routing(*message_id, recipients.len(), routing, elapsed);
         }
         tracing::debug!(
             messages = routed.len(),
             batches,
-            duration_ms,
+            duration_ms = elapsed.as_millis() as u64,
             "claim routed in one transaction"
         );
         Ok(())
@@ -581,49 +613,73 @@ impl Router {
             transaction.rollback().await?;
             return Err(RouterError::LeaseLost(message_id.simple().to_string()));
         }
-        self.bounce_failures(&transaction, message_id, &stored.sender, &claimed, &routing)
+        let bounced = self
+            .bounce_failures(&transaction, message_id, &stored.sender, &claimed, &routing)
             .await?;
         if routing.deliveries.is_empty() {
             complete_messages(&transaction, &[message_id]).await?;
         }
         transaction.commit().await?;
+        if bounced {
+            self.metrics
+                .delivery
+                .notification(NotificationKind::Failure);
+        }
         if let (Some(wake), false) = (&self.delivery_wake, routing.deliveries.is_empty()) {
             wake.notify_one();
         }
 
-        log_routing(
-            message_id,
-            claimed.len(),
-            &routing,
-            started.elapsed().as_millis() as u64,
-        );
+        self.record_routing(message_id, claimed.len(), &routing, started.elapsed());
         tracing::debug!(queue_id = %message_id.simple(), batches, "message routed on its own");
         Ok(())
     }
 }
 
-/// Logs the routing events, one line per routed recipient and one for the
-/// message.
-fn log_routing(message_id: QueueId, recipients: usize, routing: &MessageRouting, duration_ms: u64) {
-    for event in &routing.events {
-        tracing::warn!(queue_id = %message_id.simple(), event = %event, "routing event");
-    }
-    for outcome in &routing.outcomes {
+impl Router {
+    /// Counts a routed message in the metrics and logs its routing events,
+    /// one line per routed recipient and one for the message.
+    fn record_routing(
+        &self,
+        message_id: QueueId,
+        recipients: usize,
+        routing: &MessageRouting,
+        elapsed: Duration,
+    ) {
+        let failed = routing
+            .outcomes
+            .iter()
+            .filter(|o| o.failure.is_some())
+            .count();
+        let router_metrics = &self.metrics.router;
+        router_metrics
+            .recipients_routed
+            .inc_by((recipients - failed.min(recipients)) as u64);
+        router_metrics.recipients_failed.inc_by(failed as u64);
+        router_metrics
+            .deliveries_created
+            .inc_by(routing.deliveries.len() as u64);
+        router_metrics.duration.observe_duration(elapsed);
+
+        for event in &routing.events {
+            tracing::warn!(queue_id = %message_id.simple(), event = %event, "routing event");
+        }
+        for outcome in &routing.outcomes {
+            tracing::info!(
+                queue_id = %message_id.simple(),
+                recipient_id = outcome.recipient_id,
+                resolution = %outcome.resolution,
+                "recipient routed"
+            );
+        }
         tracing::info!(
             queue_id = %message_id.simple(),
-            recipient_id = outcome.recipient_id,
-            resolution = %outcome.resolution,
-            "recipient routed"
+            recipients,
+            deliveries = routing.deliveries.len(),
+            failed,
+            duration_ms = elapsed.as_millis() as u64,
+            "message routed"
         );
     }
-    tracing::info!(
-        queue_id = %message_id.simple(),
-        recipients,
-        deliveries = routing.deliveries.len(),
-        failed = routing.outcomes.iter().filter(|o| o.failure.is_some()).count(),
-        duration_ms,
-        "message routed"
-    );
 }
 
 /// The stored message as routing reads it.
@@ -637,7 +693,8 @@ struct StoredFacts {
 
 impl Router {
     /// Spools one failure notification for the recipients that routing
-    /// could not deliver anywhere, in the routing transaction.
+    /// could not deliver anywhere, in the routing transaction; returns
+    /// whether one was spooled.
     async fn bounce_failures(
         &self,
         transaction: &tokio_postgres::Transaction<'_>,
@@ -645,7 +702,7 @@ impl Router {
         sender: &str,
         claimed: &[Claimed],
         routing: &MessageRouting,
-    ) -> Result<(), RouterError> {
+    ) -> Result<bool, RouterError> {
         let now = time::OffsetDateTime::now_utc();
         let mut failed = Vec::new();
         for outcome in &routing.outcomes {
@@ -677,7 +734,7 @@ impl Router {
             });
         }
         if failed.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let spooled = spool_notification(
             transaction,
@@ -696,7 +753,7 @@ impl Router {
                 "failure notification spooled for recipients that routing could not deliver"
             );
         }
-        Ok(())
+        Ok(spooled.is_some())
     }
 
     /// Generates the planned auto-replies inside the routing transaction and

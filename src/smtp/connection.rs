@@ -95,6 +95,8 @@ pub struct Connection {
     output: Vec<u8>,
     /// Set while the rest of an over-long line is being skipped.
     skipping_line: bool,
+    /// Octets read since the last [`Connection::take_bytes_read`].
+    bytes_read: u64,
 }
 
 impl Connection {
@@ -104,6 +106,7 @@ impl Connection {
             input: BytesMut::with_capacity(READ_SIZE),
             output: Vec::with_capacity(4096),
             skipping_line: false,
+            bytes_read: 0,
         }
     }
 
@@ -142,7 +145,13 @@ impl Connection {
         if read == 0 {
             return Err(InputError::Closed);
         }
+        self.bytes_read += read as u64;
         Ok(read)
+    }
+
+    /// Returns the octets read since the last call and starts counting anew.
+    pub fn take_bytes_read(&mut self) -> u64 {
+        std::mem::take(&mut self.bytes_read)
     }
 
     /// The unread input, for the message-data readers.

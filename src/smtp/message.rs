@@ -120,14 +120,15 @@ pub fn received_header(
     .into_bytes()
 }
 
-/// Reads DATA content up to `<CRLF>.<CRLF>` and returns how it ended.
+/// Reads DATA content up to `<CRLF>.<CRLF>` and returns how it ended, with
+/// the content's size in octets so far (our Received header included).
 pub async fn receive_data<H: Handler>(
     connection: &mut Connection,
     handler: &mut H,
     config: &SessionConfig,
     client: &ClientInfo,
     envelope: &Envelope,
-) -> MessageOutcome {
+) -> (MessageOutcome, u64) {
     let reject_nul = config.limits.nul_bytes == crate::config::NulPolicy::Reject;
     let mut decoder = DotDecoder::new(config.limits.max_data_line, reject_nul);
     let mut limits = ContentLimits::new(config);
@@ -144,7 +145,7 @@ pub async fn receive_data<H: Handler>(
             && let Err(error) = connection.fill(config.timeouts.data).await
         {
             handler.abort_message().await;
-            return MessageOutcome::ClientGone(describe(error));
+            return (MessageOutcome::ClientGone(describe(error)), limits.size);
         }
         let result = decoder.decode(connection.buffered(), &mut decoded);
         connection.consume(result.consumed);
@@ -160,13 +161,14 @@ pub async fn receive_data<H: Handler>(
         }
     }
 
-    match limits.refusal {
+    let outcome = match limits.refusal {
         Some(reply) => {
             handler.abort_message().await;
             MessageOutcome::Rejected(reply)
         }
         None => MessageOutcome::Final(handler.finish_message(client, envelope).await),
-    }
+    };
+    (outcome, limits.size)
 }
 
 /// State of a message received in BDAT chunks.
@@ -178,6 +180,11 @@ pub struct BdatState {
 }
 
 impl BdatState {
+    /// Octets of content received so far, our Received header included.
+    pub fn size(&self) -> u64 {
+        self.limits.size
+    }
+
     pub fn new(config: &SessionConfig, client: &ClientInfo, envelope: &Envelope) -> BdatState {
         let reject_nul = config.limits.nul_bytes == crate::config::NulPolicy::Reject;
         BdatState {

@@ -29,6 +29,7 @@ use super::message::{self, MessageOutcome};
 use super::reply::Reply;
 use crate::auth::Authenticator;
 use crate::config::{Limits, Mechanism, Timeouts};
+use crate::metrics::{Metrics, TlsMode, TlsResult, TransactionResult};
 use crate::policy::address::Address;
 
 /// Settings shared by all sessions of a listener.
@@ -42,6 +43,7 @@ pub struct SessionConfig {
     pub implicit_tls: bool,
     /// SMTP AUTH; None when the listener does not offer it.
     pub auth: Option<SessionAuth>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// SMTP AUTH on one listener.
@@ -65,6 +67,29 @@ pub struct ClientInfo {
     pub tls: bool,
     /// The account name after a successful AUTH.
     pub authenticated: Option<String>,
+}
+
+/// The destination of a transaction's content, as the handler chose it
+/// when the content started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContentRoute {
+    /// No content was taken.
+    None,
+    /// Into the queue.
+    Spool,
+    /// Live to a downstream server.
+    Relay,
+}
+
+impl ContentRoute {
+    /// Returns the value of the `decision` field of the transaction's log line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContentRoute::None => "none",
+            ContentRoute::Spool => "spool",
+            ContentRoute::Relay => "relay",
+        }
+    }
 }
 
 /// Interface between the session and the code that routes and stores mail.
@@ -98,6 +123,11 @@ pub trait Handler: Send {
     fn abort_message(&mut self) -> impl Future<Output = ()> + Send;
     /// The transaction ended (RSET, a new EHLO, QUIT, or after the final reply).
     fn reset(&mut self) -> impl Future<Output = ()> + Send;
+    /// Returns the destination of the current transaction's content. The
+    /// session calls it after the final reply and before `reset`.
+    fn content_route(&self) -> ContentRoute {
+        ContentRoute::None
+    }
 }
 
 #[derive(Debug)]
@@ -192,8 +222,9 @@ impl<H: Handler> Session<H> {
             self.handler.reset().await;
         }
         self.connection.shutdown().await;
+        self.count_received_bytes();
         tracing::info!(
-            client = %self.client.peer.ip(),
+            client_ip = %self.client.peer.ip(),
             helo = %self.client.helo,
             tls = self.client.tls,
             account = self.client.authenticated.as_deref().unwrap_or(""),
@@ -271,15 +302,15 @@ impl<H: Handler> Session<H> {
         if reply.code() >= 400 && !reply.closes_connection() {
             self.errors += 1;
         }
-        self.connection.queue_reply(&reply);
+        self.queue_reply(&reply);
         let mut flow = Flow::Continue;
         if reply.closes_connection() {
             self.end
                 .get_or_insert_with(|| format!("sent {}", reply.summary()));
             flow = Flow::Close;
         } else if self.errors > self.config.limits.max_errors {
-            tracing::info!(client = %self.client.peer.ip(), errors = self.errors, "error limit reached");
-            self.connection.queue_reply(&Reply::too_many_errors());
+            tracing::info!(client_ip = %self.client.peer.ip(), errors = self.errors, "error limit reached");
+            self.queue_reply(&Reply::too_many_errors());
             self.end = Some("error limit reached".to_string());
             flow = Flow::Close;
         }
@@ -289,6 +320,18 @@ impl<H: Handler> Session<H> {
             return Flow::Close;
         }
         flow
+    }
+
+    /// Queues a reply to send with the next flush and counts it.
+    fn queue_reply(&mut self, reply: &Reply) {
+        self.config.metrics.smtp.reply_sent(reply.code());
+        self.connection.queue_reply(reply);
+    }
+
+    /// Adds the octets read since the last call to the received counter.
+    fn count_received_bytes(&mut self) {
+        let read = self.connection.take_bytes_read();
+        self.config.metrics.smtp.received_bytes.inc_by(read);
     }
 
     async fn handle_line(&mut self, line: &[u8]) -> Flow {
@@ -501,11 +544,12 @@ impl<H: Handler> Session<H> {
         {
             return self.reply(reply).await;
         }
+        self.config.metrics.smtp.reply_sent(354);
         self.connection.queue_reply(&Reply::start_data());
         if self.connection.flush().await.is_err() {
             return Flow::Close;
         }
-        let outcome = message::receive_data(
+        let (outcome, size) = message::receive_data(
             &mut self.connection,
             &mut self.handler,
             &self.config,
@@ -513,7 +557,7 @@ impl<H: Handler> Session<H> {
             &transaction.envelope,
         )
         .await;
-        self.finish_transaction(outcome).await
+        self.finish_transaction(outcome, size).await
     }
 
     async fn handle_bdat(&mut self, size: usize, last: bool) -> Flow {
@@ -533,7 +577,7 @@ impl<H: Handler> Session<H> {
             if let Err(end) =
                 message::discard(&mut self.connection, size, self.config.timeouts.data).await
             {
-                tracing::info!(client = %self.client.peer.ip(), end = %end, "client disconnected during a refused BDAT chunk");
+                tracing::info!(client_ip = %self.client.peer.ip(), end = %end, "client disconnected during a refused BDAT chunk");
                 return Flow::Close;
             }
             return self.reply(reply).await;
@@ -551,7 +595,7 @@ impl<H: Handler> Session<H> {
                 if let Err(end) =
                     message::discard(&mut self.connection, size, self.config.timeouts.data).await
                 {
-                    tracing::info!(client = %self.client.peer.ip(), end = %end, "client disconnected during BDAT");
+                    tracing::info!(client_ip = %self.client.peer.ip(), end = %end, "client disconnected during BDAT");
                     return Flow::Close;
                 }
                 return self.reply(reply).await;
@@ -571,6 +615,7 @@ impl<H: Handler> Session<H> {
             last,
         )
         .await;
+        let received = state.size();
         match outcome {
             MessageOutcome::ChunkAccepted => self.reply(Reply::chunk_received(size)).await,
             MessageOutcome::Rejected(reply) if !last => {
@@ -583,14 +628,15 @@ impl<H: Handler> Session<H> {
                     .handler
                     .finish_message(&self.client, &transaction.envelope)
                     .await;
-                self.finish_transaction(MessageOutcome::Final(reply)).await
+                self.finish_transaction(MessageOutcome::Final(reply), received)
+                    .await
             }
-            other => self.finish_transaction(other).await,
+            other => self.finish_transaction(other, received).await,
         }
     }
 
     /// Sends the final reply of a message and ends the transaction.
-    async fn finish_transaction(&mut self, outcome: MessageOutcome) -> Flow {
+    async fn finish_transaction(&mut self, outcome: MessageOutcome, size: u64) -> Flow {
         let Phase::Transaction(transaction) = std::mem::replace(&mut self.phase, Phase::Ready)
         else {
             return Flow::Continue;
@@ -603,8 +649,27 @@ impl<H: Handler> Session<H> {
             }
             MessageOutcome::ClientGone(reason) => (Reply::internal_error(), Some(reason)),
         };
+        let route = self.handler.content_route();
         self.handler.reset().await;
         self.transactions += 1;
+
+        let smtp = &self.config.metrics.smtp;
+        let result = match (&gone, route) {
+            (Some(_), _) => TransactionResult::Aborted,
+            (None, _) if reply.is_permanent() => TransactionResult::Rejected,
+            (None, _) if reply.is_transient() => TransactionResult::Tempfailed,
+            (None, ContentRoute::Relay) => TransactionResult::Relayed,
+            (None, _) => TransactionResult::Spooled,
+        };
+        smtp.transaction_ended(result);
+        if matches!(
+            result,
+            TransactionResult::Spooled | TransactionResult::Relayed
+        ) {
+            smtp.message_size.observe(size as f64);
+        }
+        self.count_received_bytes();
+
         let recipients: Vec<String> = envelope
             .recipients
             .iter()
@@ -612,11 +677,13 @@ impl<H: Handler> Session<H> {
             .collect();
         tracing::info!(
             queue_id = %envelope.queue_id(),
-            client = %self.client.peer.ip(),
+            client_ip = %self.client.peer.ip(),
             helo = %self.client.helo,
             sender = %envelope.sender_text(),
             recipients = %recipients.join(","),
+            decision = %route.as_str(),
             reply = %if gone.is_some() { "none (client gone)".to_string() } else { reply.summary() },
+            size,
             duration_ms = transaction.started.elapsed().as_millis() as u64,
             "transaction finished"
         );
@@ -636,10 +703,14 @@ impl<H: Handler> Session<H> {
                     self.handler.abort_message().await;
                 }
                 self.handler.reset().await;
+                self.config
+                    .metrics
+                    .smtp
+                    .transaction_ended(TransactionResult::Abandoned);
                 let envelope = &transaction.envelope;
                 tracing::info!(
                     queue_id = %envelope.queue_id(),
-                    client = %self.client.peer.ip(),
+                    client_ip = %self.client.peer.ip(),
                     helo = %self.client.helo,
                     sender = %envelope.sender_text(),
                     recipients = %envelope
@@ -648,6 +719,7 @@ impl<H: Handler> Session<H> {
                         .map(|r| r.address.to_smtp())
                         .collect::<Vec<_>>()
                         .join(","),
+                    decision = %ContentRoute::None.as_str(),
                     duration_ms = transaction.started.elapsed().as_millis() as u64,
                     "transaction abandoned without a message"
                 );
@@ -667,19 +739,27 @@ impl<H: Handler> Session<H> {
         let (Some(acceptor), Some(plain)) =
             (self.config.tls.clone(), self.connection.take_plain_stream())
         else {
-            tracing::error!(client = %self.client.peer.ip(), "implicit TLS listener without a TLS configuration");
+            tracing::error!(client_ip = %self.client.peer.ip(), "implicit TLS listener without a TLS configuration");
             return Err("no TLS configuration".to_string());
         };
         let handshake =
             tokio::time::timeout(self.config.timeouts.tls_handshake, acceptor.accept(plain)).await;
+        let tls = &self.config.metrics.smtp;
         match handshake {
-            Ok(Ok(tls)) => {
-                self.connection.set_stream(Stream::Tls(Box::new(tls)));
+            Ok(Ok(stream)) => {
+                tls.tls_handshake(TlsMode::Implicit, TlsResult::Success);
+                self.connection.set_stream(Stream::Tls(Box::new(stream)));
                 self.client.tls = true;
                 Ok(())
             }
-            Ok(Err(error)) => Err(format!("TLS handshake failed: {error}")),
-            Err(_) => Err("TLS handshake timed out".to_string()),
+            Ok(Err(error)) => {
+                tls.tls_handshake(TlsMode::Implicit, TlsResult::Failure);
+                Err(format!("TLS handshake failed: {error}"))
+            }
+            Err(_) => {
+                tls.tls_handshake(TlsMode::Implicit, TlsResult::Timeout);
+                Err("TLS handshake timed out".to_string())
+            }
         }
     }
 
@@ -693,7 +773,7 @@ impl<H: Handler> Session<H> {
         if !self.client.extended {
             return self.reply(Reply::bad_sequence("send EHLO first")).await;
         }
-        self.connection.queue_reply(&Reply::ready_to_start_tls());
+        self.queue_reply(&Reply::ready_to_start_tls());
         if self.connection.flush().await.is_err() {
             return Flow::Close;
         }
@@ -702,15 +782,18 @@ impl<H: Handler> Session<H> {
         // TLS handshake and must not be acted on.
         let discarded = self.connection.discard_buffered_input();
         if discarded > 0 {
-            tracing::info!(client = %self.client.peer.ip(), bytes = discarded, "discarded input pipelined after STARTTLS");
+            tracing::info!(client_ip = %self.client.peer.ip(), bytes = discarded, "discarded input pipelined after STARTTLS");
         }
         let Some(plain) = self.connection.take_plain_stream() else {
             return Flow::Close;
         };
         let handshake =
             tokio::time::timeout(self.config.timeouts.tls_handshake, acceptor.accept(plain)).await;
+        let metrics = Arc::clone(&self.config.metrics);
+        let count = |result| metrics.smtp.tls_handshake(TlsMode::Starttls, result);
         match handshake {
             Ok(Ok(tls)) => {
+                count(TlsResult::Success);
                 self.connection.set_stream(Stream::Tls(Box::new(tls)));
                 self.client.tls = true;
                 // RFC 3207 §4.2: the session starts over, EHLO and AUTH
@@ -723,11 +806,13 @@ impl<H: Handler> Session<H> {
                 Flow::Continue
             }
             Ok(Err(error)) => {
-                tracing::info!(client = %self.client.peer.ip(), error = %error, "TLS handshake failed");
+                count(TlsResult::Failure);
+                tracing::info!(client_ip = %self.client.peer.ip(), error = %error, "TLS handshake failed");
                 Flow::Close
             }
             Err(_) => {
-                tracing::info!(client = %self.client.peer.ip(), "TLS handshake timed out");
+                count(TlsResult::Timeout);
+                tracing::info!(client_ip = %self.client.peer.ip(), "TLS handshake timed out");
                 Flow::Close
             }
         }

@@ -158,6 +158,8 @@ pub struct TestServer {
     shutdown: CancellationToken,
     handle: Option<tokio::task::JoinHandle<()>>,
     pub directory: Option<std::sync::Arc<wsmtp::directory::Directory>>,
+    /// The admin listener's address, when the configuration has `admin`.
+    pub admin: Option<SocketAddr>,
 }
 
 impl TestServer {
@@ -222,6 +224,7 @@ impl TestServer {
             shutdown,
             handle: Some(running.handle),
             directory: running.directory,
+            admin: running.admin_address,
         }
     }
 

@@ -2,6 +2,7 @@
 //! databases, a DNS server on loopback, an in-process wsmtp and a raw SMTP
 //! client.
 
+pub mod admin;
 pub mod db;
 pub mod directory;
 pub mod dns;

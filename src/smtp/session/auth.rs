@@ -10,6 +10,7 @@ use std::sync::Arc;
 use super::{Flow, Handler, Phase, Session, SessionAuth};
 use crate::auth::{AuthResult, Credentials};
 use crate::config::Mechanism;
+use crate::metrics::AuthOutcome;
 use crate::policy::address::Address;
 use crate::smtp::connection::Line;
 use crate::smtp::reply::Reply;
@@ -63,15 +64,19 @@ impl<H: Handler> Session<H> {
             .authenticator
             .authenticate(self.client.peer.ip(), mechanism, credentials)
             .await;
-        let reply = match result {
+        let (reply, outcome) = match result {
             AuthResult::Success(account) => {
                 self.client.authenticated = Some(account);
-                Reply::auth_succeeded()
+                (Reply::auth_succeeded(), AuthOutcome::Success)
             }
-            AuthResult::Failed => Reply::auth_failed(),
-            AuthResult::Blocked => Reply::too_many_auth_failures(),
-            AuthResult::Unavailable => Reply::auth_temporarily_unavailable(),
+            AuthResult::Failed => (Reply::auth_failed(), AuthOutcome::Failure),
+            AuthResult::Blocked => (Reply::too_many_auth_failures(), AuthOutcome::Blocked),
+            AuthResult::Unavailable => (
+                Reply::auth_temporarily_unavailable(),
+                AuthOutcome::Unavailable,
+            ),
         };
+        self.config.metrics.smtp.auth_attempt(mechanism, outcome);
         self.reply(reply).await
     }
 
@@ -96,7 +101,7 @@ impl<H: Handler> Session<H> {
             return Err(Reply::unknown_auth_mechanism());
         };
         if auth.authenticator.is_blocked(self.client.peer.ip()) {
-            tracing::debug!(client = %self.client.peer.ip(), "AUTH rejected: too many failures");
+            tracing::debug!(client_ip = %self.client.peer.ip(), "AUTH rejected: too many failures");
             return Err(Reply::too_many_auth_failures());
         }
         Ok(mechanism)
@@ -137,8 +142,7 @@ impl<H: Handler> Session<H> {
 
     /// Sends a 334 challenge and reads the client's decoded response.
     async fn read_response(&mut self, challenge: &str) -> Result<Vec<u8>, ExchangeEnd> {
-        self.connection
-            .queue_reply(&Reply::auth_challenge(challenge));
+        self.queue_reply(&Reply::auth_challenge(challenge));
         let max = self.config.limits.max_command_line;
         loop {
             match self.connection.take_line(max) {
@@ -170,7 +174,7 @@ impl<H: Handler> Session<H> {
             return None;
         }
         tracing::info!(
-            client = %self.client.peer.ip(),
+            client_ip = %self.client.peer.ip(),
             account,
             sender = %sender.map(Address::to_smtp).unwrap_or_default(),
             "sender rejected: not an address of the authenticated account"
