@@ -86,7 +86,9 @@ def wsmtp_events(path):
                 event = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            fields = event.get("fields", {})
+            # wsmtp writes the event's fields at the top level; older builds
+            # nested them under "fields".
+            fields = event.get("fields", event)
             if fields.get("queue_id") is None:
                 continue
             yield fields.get("message"), fields, parse_timestamp(event["timestamp"])
