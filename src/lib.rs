@@ -13,5 +13,6 @@ pub mod listener;
 pub mod passthrough;
 pub mod policy;
 pub mod queue;
+pub mod ratelimit;
 pub mod router;
 pub mod smtp;

@@ -73,6 +73,8 @@ pub enum Action {
 pub struct Decision {
     pub action: Action,
     pub rule: String,
+    /// The rate limit class that the deciding rule names, if any.
+    pub rate_limit: Option<String>,
 }
 
 impl Decision {
@@ -80,6 +82,7 @@ impl Decision {
         Decision {
             action: Action::Accept(route),
             rule: rule.into(),
+            rate_limit: None,
         }
     }
 
@@ -87,6 +90,7 @@ impl Decision {
         Decision {
             action: Action::Reject(reply),
             rule: rule.into(),
+            rate_limit: None,
         }
     }
 
@@ -316,7 +320,7 @@ fn rule_decision(
         }
         RuleMatch::Matched { listed, .. } => listed.as_ref(),
     };
-    match &rule.action {
+    let decision = match &rule.action {
         RuleAction::Accept => Decision::accept(Route::Local, reference),
         RuleAction::Reject(reply) | RuleAction::Tempfail(reply) => {
             let reply = match listed {
@@ -337,6 +341,10 @@ fn rule_decision(
                 }
             }
         }
+    };
+    Decision {
+        rate_limit: rule.rate_limit.clone(),
+        ..decision
     }
 }
 

@@ -34,7 +34,9 @@
 //! group); `reject` and `tempfail` reply with `reply` (defaults `550 5.7.1`
 //! and `451 4.7.1`). In the reply of a rule with `dnsbl` or `rhsbl`,
 //! `{reason}` becomes the listing's TXT text (or "listed in ZONE") and
-//! `{zone}` the zone that listed the client or sender.
+//! `{zone}` the zone that listed the client or sender. An `accept` or
+//! `relay` rule may name a rate limit class in `rate_limit`; the
+//! recipients it decides are counted under that class.
 //!
 //! A named zone whose lookup failed counts as not listing anyone, unless the
 //! zone has `on_error: tempfail`: then a rule that could only match through
@@ -63,13 +65,24 @@ use super::lists::{AddressList, NetworkList};
 /// and the codes in front take at most 14 of them.
 const MAX_REPLY_TEXT: usize = 490;
 
-/// Named lists that rules may refer to.
+/// Named lists, zones and rate limit classes that rules may refer to.
 #[derive(Clone, Debug, Default)]
 pub struct Lists {
     pub networks: HashMap<String, Arc<NetworkList>>,
     pub addresses: HashMap<String, Arc<AddressList>>,
     /// DNS blocklist zones by zone name.
     pub blocklists: HashMap<String, BlocklistZone>,
+    /// Names of the rate limit classes under `rate_limits`.
+    pub rate_limit_classes: HashSet<String>,
+}
+
+impl Lists {
+    /// Entries in all network and address lists.
+    pub fn entry_count(&self) -> usize {
+        let networks: usize = self.networks.values().map(|list| list.len()).sum();
+        let addresses: usize = self.addresses.values().map(|list| list.len()).sum();
+        networks + addresses
+    }
 }
 
 /// What the directory and configuration say about a recipient.
@@ -161,6 +174,8 @@ pub struct Rule {
     dnsbl: Option<Vec<ZoneCondition>>,
     rhsbl: Option<Vec<ZoneCondition>>,
     pub action: RuleAction,
+    /// The rate limit class for the recipients this rule accepts or relays.
+    pub rate_limit: Option<String>,
 }
 
 /// A blocklist zone named by a rule, with its error policy.
@@ -419,6 +434,7 @@ struct RawRule {
     action: Text,
     group: Option<Text>,
     reply: Option<Text>,
+    rate_limit: Option<Text>,
 }
 
 impl RuleSet {
@@ -805,6 +821,27 @@ fn convert(
         );
         ok = false;
     }
+    let rate_limit = match &raw.rate_limit {
+        None => None,
+        Some(class) => {
+            let name = class.value.trim().to_string();
+            if !lists.rate_limit_classes.contains(&name) {
+                report(
+                    class.referenced.line(),
+                    format!("unknown rate limit class {name:?}; define it under rate_limits"),
+                );
+                ok = false;
+            }
+            if !matches!(action, Some(RuleAction::Accept | RuleAction::Relay { .. })) {
+                report(
+                    class.referenced.line(),
+                    "rate_limit is only used with actions accept and relay".to_string(),
+                );
+                ok = false;
+            }
+            Some(name)
+        }
+    };
     let action = action?;
     if !ok {
         return None;
@@ -827,6 +864,7 @@ fn convert(
         dnsbl,
         rhsbl,
         action,
+        rate_limit,
     })
 }
 
