@@ -19,6 +19,7 @@
 //! `limits.max_connections_per_ip`.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -145,6 +146,35 @@ impl RateLimitsConfig {
 
     pub fn default_class(&self) -> &RateClass {
         &self.classes[DEFAULT_CLASS]
+    }
+
+    /// The class of a connection from `client`: the class with the most
+    /// specific network that contains it, else `default`.
+    pub fn class_for_client(&self, client: IpAddr) -> &RateClass {
+        let client = client.to_canonical();
+        self.classes
+            .values()
+            .flat_map(|class| class.networks.iter().map(move |network| (network, class)))
+            .filter(|(network, _)| network.contains(&client))
+            .max_by_key(|(network, _)| network.prefix_len())
+            .map(|(_, class)| class)
+            .unwrap_or_else(|| self.default_class())
+    }
+}
+
+impl std::fmt::Display for RateClass {
+    /// Writes the class's name and limits, e.g.
+    /// `customers (max_connections_per_ip 50, messages_per_sender 1000/1h)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (max_connections_per_ip {}",
+            self.name, self.max_connections_per_ip
+        )?;
+        for (name, rate) in &self.rates {
+            write!(f, ", {} {rate}", name.as_str())?;
+        }
+        write!(f, ")")
     }
 }
 

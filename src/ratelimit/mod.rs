@@ -42,7 +42,6 @@ use std::time::Duration;
 
 use governor::clock::DefaultClock;
 use governor::{Quota, RateLimiter};
-use ipnet::IpNet;
 
 use crate::auth::limiter::ClientKey;
 use crate::config::{DEFAULT_CLASS, Rate, RateClass, RateLimitName, RateLimitsConfig};
@@ -261,8 +260,7 @@ impl ClassLimits {
 #[derive(Debug)]
 pub struct RateLimits {
     classes: BTreeMap<String, Arc<ClassLimits>>,
-    /// The networks of the classes, longest prefix first.
-    networks: Vec<(IpNet, Arc<ClassLimits>)>,
+    config: RateLimitsConfig,
 }
 
 impl RateLimits {
@@ -280,18 +278,10 @@ impl RateLimits {
             let class = ClassLimits::new(settings, max_keys, old.map(|class| class.as_ref()));
             classes.insert(name.clone(), Arc::new(class));
         }
-        let mut networks: Vec<(IpNet, Arc<ClassLimits>)> = classes
-            .values()
-            .flat_map(|class| {
-                class
-                    .settings
-                    .networks
-                    .iter()
-                    .map(move |network| (*network, Arc::clone(class)))
-            })
-            .collect();
-        networks.sort_by_key(|(network, _)| std::cmp::Reverse(network.prefix_len()));
-        RateLimits { classes, networks }
+        RateLimits {
+            classes,
+            config: config.clone(),
+        }
     }
 
     pub fn default_class(&self) -> &Arc<ClassLimits> {
@@ -305,11 +295,9 @@ impl RateLimits {
     /// The class of a connection from `client`: the class whose network
     /// contains it most specifically, else `default`.
     pub fn class_for_client(&self, client: IpAddr) -> &Arc<ClassLimits> {
-        let client = client.to_canonical();
-        self.networks
-            .iter()
-            .find(|(network, _)| network.contains(&client))
-            .map(|(_, class)| class)
+        let name = &self.config.class_for_client(client).name;
+        self.classes
+            .get(name)
             .unwrap_or_else(|| self.default_class())
     }
 
