@@ -85,7 +85,7 @@ fn check_reports_yaml_errors_with_line() {
 }
 
 #[test]
-fn check_reports_unknown_rate_limit_class_with_file_and_line() {
+fn check_reports_unknown_rate_limit_class() {
     let directory = tempfile::tempdir().expect("temp dir");
     std::fs::create_dir(directory.path().join("rules")).expect("rules directory");
     std::fs::write(

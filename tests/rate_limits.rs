@@ -1,6 +1,6 @@
-//! Rate limits in real SMTP sessions: each limit refuses the event after
+//! Rate limits in real SMTP sessions. Each limit refuses the event after
 //! its count with a reply that names it, and allows it again once the
-//! window has passed; a class from a client network or from a relay rule
+//! window has passed. A class from a client network or from a relay rule
 //! gives other limits than `default`.
 //!
 //! Windows are a few seconds, with at least one second per event of the
@@ -54,8 +54,8 @@ fn codes(replies: &[TestReply]) -> Vec<u16> {
     replies.iter().map(|reply| reply.code).collect()
 }
 
-/// A pass-through server whose outbound group is `sink`, with `yaml`
-/// appended at the top level.
+/// Starts a pass-through server whose outbound group is `sink`, with
+/// `yaml` appended at the top level.
 async fn start(sink: &Sink, limits: &str, yaml: &str) -> TestServer {
     TestServer::start(
         TestConfig::new(&[sink.addr])
@@ -120,7 +120,7 @@ async fn open_connections_per_class() {
     let _second = server.connect_from("127.0.0.3").await;
     refused_connection(&server, "127.0.0.3", OPEN_CONNECTIONS).await;
     drop(first);
-    // The slot is released when the server sees the connection close.
+    // The server frees the slot once it reads the end of the connection.
     let mut admitted = false;
     for _ in 0..50 {
         let (_, reply) = greeting(&server, "127.0.0.3").await;

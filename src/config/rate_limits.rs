@@ -50,11 +50,11 @@ impl std::fmt::Display for Rate {
         let seconds = self.window.as_secs();
         let window = if self.window.subsec_nanos() != 0 {
             format!("{}ms", self.window.as_millis())
-        } else if seconds % 86_400 == 0 {
+        } else if seconds.is_multiple_of(86_400) {
             format!("{}d", seconds / 86_400)
-        } else if seconds % 3600 == 0 {
+        } else if seconds.is_multiple_of(3600) {
             format!("{}h", seconds / 3600)
-        } else if seconds % 60 == 0 {
+        } else if seconds.is_multiple_of(60) {
             format!("{}m", seconds / 60)
         } else {
             format!("{seconds}s")
@@ -89,7 +89,7 @@ impl RateLimitName {
         RateLimitName::RecipientsPerUser,
     ];
 
-    /// The configuration key, also used in log lines.
+    /// Returns the configuration key, also used in log lines.
     pub fn as_str(self) -> &'static str {
         match self {
             RateLimitName::ConnectionsPerIp => "connections_per_ip",
@@ -130,8 +130,8 @@ pub struct RateLimitsConfig {
 }
 
 impl RateLimitsConfig {
-    /// The classes without the `rate_limits` key: `default` with the
-    /// connection limit per IP and no rates.
+    /// Returns the classes without the `rate_limits` key: `default` with
+    /// the connection limit per IP and no rates.
     pub fn only_default(max_connections_per_ip: usize) -> RateLimitsConfig {
         let default = RateClass {
             name: DEFAULT_CLASS.to_string(),
@@ -148,8 +148,8 @@ impl RateLimitsConfig {
         &self.classes[DEFAULT_CLASS]
     }
 
-    /// The class of a connection from `client`: the class with the most
-    /// specific network that contains it, else `default`.
+    /// Returns the class of a connection from `client`: the class with the
+    /// most specific network that contains it, else `default`.
     pub fn class_for_client(&self, client: IpAddr) -> &RateClass {
         let client = client.to_canonical();
         self.classes
@@ -207,6 +207,13 @@ impl RawRateClass {
     }
 }
 
+/// One class as written, before it inherits from `default`.
+struct WrittenClass {
+    networks: Vec<IpNet>,
+    max_connections: Option<usize>,
+    rates: BTreeMap<RateLimitName, Written>,
+}
+
 /// A limit as written in one class: not set, `none`, or a rate.
 enum Written {
     Unset,
@@ -242,7 +249,7 @@ pub fn parse_rate(text: &str) -> Result<Rate, String> {
 }
 
 /// Converts `rate_limits`. `max_connections_per_ip` is the value of
-/// `limits.max_connections_per_ip`, and `limits_sets_it` tells whether the
+/// `limits.max_connections_per_ip`, and `limits_sets_it` is true when the
 /// file set it there.
 pub(super) fn convert_rate_limits(
     raw: &BTreeMap<String, Spanned<RawRateClass>>,
@@ -250,10 +257,7 @@ pub(super) fn convert_rate_limits(
     limits_sets_it: bool,
     checker: &mut Checker,
 ) -> RateLimitsConfig {
-    let mut written: BTreeMap<
-        String,
-        (Vec<IpNet>, Option<usize>, BTreeMap<RateLimitName, Written>),
-    > = BTreeMap::new();
+    let mut written: BTreeMap<String, WrittenClass> = BTreeMap::new();
     let mut claimed_networks: BTreeMap<IpNet, String> = BTreeMap::new();
     for (name, class) in raw {
         let line = class.referenced.line();
@@ -342,11 +346,21 @@ pub(super) fn convert_rate_limits(
             };
             rates.insert(limit, value);
         }
-        written.insert(name.clone(), (networks, max_connections, rates));
+        written.insert(
+            name.clone(),
+            WrittenClass {
+                networks,
+                max_connections,
+                rates,
+            },
+        );
     }
 
     let (default_max, default_rates) = match written.remove(DEFAULT_CLASS) {
-        Some((_, max, rates)) => (max.unwrap_or(max_connections_per_ip), rates),
+        Some(class) => (
+            class.max_connections.unwrap_or(max_connections_per_ip),
+            class.rates,
+        ),
         None => (max_connections_per_ip, BTreeMap::new()),
     };
     let resolve = |rates: &BTreeMap<RateLimitName, Written>, inherit: bool| {
@@ -379,14 +393,14 @@ pub(super) fn convert_rate_limits(
             rates: resolve(&default_rates, false),
         },
     );
-    for (name, (networks, max, rates)) in &written {
+    for (name, class) in &written {
         classes.insert(
             name.clone(),
             RateClass {
                 name: name.clone(),
-                networks: networks.clone(),
-                max_connections_per_ip: max.unwrap_or(default_max),
-                rates: resolve(rates, true),
+                networks: class.networks.clone(),
+                max_connections_per_ip: class.max_connections.unwrap_or(default_max),
+                rates: resolve(&class.rates, true),
             },
         );
     }

@@ -98,8 +98,8 @@ pub struct Hit {
 }
 
 impl Hit {
-    /// The reply that names the limit: 421 for connections, 451 for
-    /// messages and recipients.
+    /// Returns the reply that names the limit: 421 for connections, 451
+    /// for messages and recipients.
     pub fn reply(&self) -> Reply {
         match self.limit {
             RateLimitName::ConnectionsPerIp => Reply::too_many_new_connections(),
@@ -115,7 +115,8 @@ impl Hit {
     }
 }
 
-/// Who sends a message or recipient, as the limits key it.
+/// The client, account and sender of a message or recipient: the keys
+/// that the limits count.
 #[derive(Clone, Copy, Debug)]
 pub struct Sender<'a> {
     pub client: IpAddr,
@@ -145,19 +146,19 @@ impl ClassLimits {
                     | RateLimitName::RecipientsPerIp
             );
             if keyed_by_client {
-                let kept = previous
+                let reused = previous
                     .and_then(|class| class.by_client.get(&name))
                     .filter(|limiter| limiter.rate == rate && limiter.max_keys == max_keys);
-                let limiter = match kept {
+                let limiter = match reused {
                     Some(limiter) => Arc::clone(limiter),
                     None => Arc::new(Limiter::new(rate, max_keys)),
                 };
                 by_client.insert(name, limiter);
             } else {
-                let kept = previous
+                let reused = previous
                     .and_then(|class| class.by_text.get(&name))
                     .filter(|limiter| limiter.rate == rate && limiter.max_keys == max_keys);
-                let limiter = match kept {
+                let limiter = match reused {
                     Some(limiter) => Arc::clone(limiter),
                     None => Arc::new(Limiter::new(rate, max_keys)),
                 };
@@ -292,8 +293,8 @@ impl RateLimits {
         self.classes.get(name)
     }
 
-    /// The class of a connection from `client`: the class whose network
-    /// contains it most specifically, else `default`.
+    /// Returns the class of a connection from `client`: the class whose
+    /// network contains it most specifically, else `default`.
     pub fn class_for_client(&self, client: IpAddr) -> &Arc<ClassLimits> {
         let name = &self.config.class_for_client(client).name;
         self.classes
@@ -419,7 +420,7 @@ rate_limits:
     }
 
     #[test]
-    fn senders_are_counted_without_case_and_null_sender_is_not() {
+    fn sender_case_and_null_sender() {
         let (_, limits) = limits(CONFIG);
         let default = limits.default_class();
         let sender = |address| Sender {

@@ -7,8 +7,8 @@
 //! addresses faster than that could grow them without bound. This store
 //! keeps at most `capacity` keys: when a shard is full, it drops the eighth
 //! of its keys with the earliest theoretical arrival time (GCRA's state).
-//! Those are the keys closest to a fresh state, so dropping them forgets the
-//! least: a key that is over its limit has the latest arrival time and goes
+//! Those are the keys closest to a fresh state, so dropping them loses the
+//! least information: a key that is over its limit has the latest arrival time and goes
 //! last.
 
 use std::collections::HashMap;
@@ -66,8 +66,8 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
     }
 }
 
-/// A poisoned lock means a thread panicked while holding it; every update
-/// is one map operation, so the map is still consistent.
+/// Locks `mutex`, also when it is poisoned: every update is one map
+/// operation, so a thread that panicked cannot leave the map half changed.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
