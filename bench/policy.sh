@@ -9,7 +9,8 @@
 #   on:  the 10,000 rules and the 1,000,000-entry network list that
 #        bench/policy.rs writes, and every rate limit of the default class
 #        set high enough never to refuse anything, so each connection,
-#        message and recipient is counted. The client (127.0.0.1) is in no
+#        message and recipient is counted. (The rules name a class
+#        `customers`, which must exist.) The client (127.0.0.1) is in no
 #        rule and not in the list, so every recipient walks all 10,000
 #        rules: the slowest case.
 #
@@ -25,6 +26,7 @@
 #   WSMTP_PORT=24625 SINK_PORT=24626   (both on 127.0.0.1)
 #   WSMTP_BIN=target/release/wsmtp
 #   POLICY_BIN=target/release/examples/bench_policy
+#   DECISIONS=20000  decisions the policy example times
 #   KEEP_WORK=0      1 keeps the work directory (configs, logs)
 #
 # Everything listens on and connects to 127.0.0.1 only.
@@ -83,7 +85,7 @@ wait_for_port() {
 # The rules and the list, written by the policy benchmark (which also
 # prints its decision and load figures into policy-example.txt).
 log "writing 10,000 rules and 1,000,000 list entries"
-POLICY_DIR="$WORK/policy" DECISIONS=2000 "$POLICY_BIN" >"$WORK/policy-example.txt"
+POLICY_DIR="$WORK/policy" DECISIONS="${DECISIONS:-20000}" "$POLICY_BIN" >"$WORK/policy-example.txt"
 
 common_config() {
     cat <<EOF
@@ -121,6 +123,8 @@ rate_limits:
     recipients_per_ip: 10000000/1h
     messages_per_sender: 10000000/1h
     recipients_per_sender: 10000000/1h
+  customers:
+    messages_per_ip: 10000000/1h
 EOF
 } >"$WORK/on/config.yaml"
 for mode in off on; do
