@@ -321,18 +321,21 @@ async fn messages_per_user_count_the_account() {
         TestConfig::new(&[sink.addr])
             .auth("{require_tls: false}")
             .auth_settings("  failure_delay: 0s\n  sender_must_match: false\n")
-            .extra("rate_limits:\n  default:\n    messages_per_user: 2/4s\n"),
+            .extra(
+                "rate_limits:\n  default:\n    messages_per_user: 2/4s\n    recipients_per_user: 3/6s\n",
+            ),
     )
     .await;
     let client = server.db.as_ref().expect("test database").connect().await;
     let hash = wsmtp::auth::password::hash_password(b"secret").expect("hash");
-    client
+    let updated = client
         .execute(
-            "UPDATE accounts SET password_hash = $1 WHERE name = 'alice'",
+            "UPDATE accounts SET password_hash = $1 WHERE name IN ('alice', 'carol')",
             &[&hash],
         )
         .await
-        .expect("store password hash");
+        .expect("store password hashes");
+    assert_eq!(updated, 2);
     wait_until_current(&client, server.directory.as_ref().expect("directory")).await;
 
     let login = base64_plain("alice@example.com", "secret");
@@ -359,10 +362,112 @@ async fn messages_per_user_count_the_account() {
     let replies = transaction(&mut anonymous, "a@example.org", &["bob@example.net"]).await;
     assert_eq!(codes(&replies), [250]);
 
+    // Carol's recipients are counted apart from alice's.
+    let mut carol = server.connect_from("127.0.0.5").await;
+    carol.expect("EHLO client.example", 250).await;
+    carol
+        .expect(
+            &format!("AUTH PLAIN {}", base64_plain("carol@example.com", "secret")),
+            235,
+        )
+        .await;
+    let replies = transaction(
+        &mut carol,
+        "c@example.org",
+        &[
+            "x1@example.org",
+            "x2@example.org",
+            "x3@example.org",
+            "x4@example.org",
+        ],
+    )
+    .await;
+    assert_eq!(codes(&replies), [250, 250, 250, 451]);
+    assert_eq!(
+        replies[3].text,
+        "451 4.7.1 Too many recipients from your account, try again later"
+    );
+
     tokio::time::sleep(Duration::from_millis(4_200)).await;
     let replies = transaction(&mut second, "four@example.org", &["x@example.org"]).await;
     assert_eq!(codes(&replies), [250], "the window has passed");
     server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_per_ip_and_recipients_per_sender() {
+    let sink = Sink::start().await;
+    let by_address = start(
+        &sink,
+        "",
+        "rate_limits:\n  default:\n    messages_per_ip: 2/4s\n",
+    )
+    .await;
+    let by_sender = start(
+        &sink,
+        "",
+        "rate_limits:\n  default:\n    recipients_per_sender: 3/6s\n",
+    )
+    .await;
+
+    let mut client = by_address.connect().await;
+    client.expect("EHLO client.example", 250).await;
+    for sender in ["a@example.org", "b@example.org"] {
+        let replies = transaction(&mut client, sender, &["bob@example.net"]).await;
+        assert_eq!(codes(&replies), [250]);
+    }
+    let replies = transaction(&mut client, "c@example.org", &["bob@example.net"]).await;
+    assert_eq!(
+        replies[0].text,
+        "451 4.7.1 Too many messages from your address, try again later"
+    );
+
+    let mut sender = by_sender.connect().await;
+    sender.expect("EHLO client.example", 250).await;
+    let replies = transaction(
+        &mut sender,
+        "a@example.org",
+        &[
+            "r1@example.net",
+            "r2@example.net",
+            "r3@example.net",
+            "r4@example.net",
+        ],
+    )
+    .await;
+    assert_eq!(codes(&replies), [250, 250, 250, 451]);
+    assert_eq!(
+        replies[3].text,
+        "451 4.7.1 Too many recipients from this sender, try again later"
+    );
+    let replies = transaction(&mut sender, "b@example.org", &["r1@example.net"]).await;
+    assert_eq!(codes(&replies), [250], "another sender has its own count");
+
+    tokio::time::sleep(Duration::from_millis(6_200)).await;
+    for sender in ["a@example.org", "b@example.org"] {
+        let replies = transaction(&mut client, sender, &["bob@example.net"]).await;
+        assert_eq!(codes(&replies), [250], "the window has passed");
+    }
+    let replies = transaction(&mut client, "c@example.org", &["bob@example.net"]).await;
+    assert_eq!(codes(&replies), [451]);
+    let replies = transaction(
+        &mut sender,
+        "a@example.org",
+        &[
+            "r1@example.net",
+            "r2@example.net",
+            "r3@example.net",
+            "r4@example.net",
+        ],
+    )
+    .await;
+    assert_eq!(
+        codes(&replies),
+        [250, 250, 250, 451],
+        "the window has passed"
+    );
+    by_address.stop().await;
+    by_sender.stop().await;
 }
 
 fn base64_plain(login: &str, password: &str) -> String {
