@@ -387,6 +387,8 @@ async fn messages_per_user_count_the_account() {
         replies[3].text,
         "451 4.7.1 Too many recipients from your account, try again later"
     );
+    let replies = transaction(&mut carol, "c@example.org", &["postmaster@example.com"]).await;
+    assert_eq!(codes(&replies), [250], "postmaster is never rate limited");
 
     tokio::time::sleep(Duration::from_millis(4_200)).await;
     let replies = transaction(&mut second, "four@example.org", &["x@example.org"]).await;

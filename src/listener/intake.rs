@@ -22,7 +22,8 @@
 //! Rate limits: a recipient that the policy accepts is counted against the
 //! recipient limits of its class, and the first one of each transaction
 //! against the message limits too (see [`crate::ratelimit`]). Over a limit,
-//! it gets `451 4.7.1` with the limit named instead.
+//! it gets `451 4.7.1` with the limit named instead. Postmaster at a local
+//! domain is neither counted nor refused.
 //!
 //! When rules name DNS blocklist zones, the client is looked up at the first
 //! RCPT of the session (so a client rejected earlier causes no query) and the
@@ -466,11 +467,12 @@ impl Handler for Intake {
             &recipient.address,
             recipient.bare_postmaster,
         );
+        // Postmaster is always accepted (RFC 5321 §4.5.1), whatever the limits.
         let limited = match &decision.action {
-            Action::Accept(_) => self
+            Action::Accept(_) if decision.rule != "postmaster" => self
                 .check_rate_limits(client, envelope, &sender, &decision)
                 .err(),
-            Action::Reject(_) => None,
+            Action::Accept(_) | Action::Reject(_) => None,
         };
         let reply = match (&decision.action, limited) {
             (_, Some(reply)) => reply,

@@ -454,6 +454,8 @@ impl RuleSet {
 
     /// Returns the first rule that matches, or whose blocklist failed with
     /// `on_error: tempfail`, if any.
+    // NOTE: rules are checked one by one, so the cost grows with their
+    // number: about 0.36 ms per recipient at 10,000 rules (docs/benchmarks.md).
     pub fn first_match(&self, facts: &Facts<'_>) -> Option<RuleMatch<'_>> {
         let recipient = facts.recipient.to_smtp();
         self.rules
