@@ -65,7 +65,7 @@ impl PidFile {
         }
     }
 
-    /// The status file that reloads report to.
+    /// Returns the path of the status file that reloads report to.
     pub fn status_path(&self) -> PathBuf {
         status_path(&self.path)
     }

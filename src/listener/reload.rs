@@ -88,7 +88,7 @@ impl ReloadStats {
     }
 }
 
-/// What an applied reload loaded.
+/// The counts of an applied reload, and the settings it could not apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReloadReport {
     pub rules: usize,
@@ -103,7 +103,7 @@ pub struct ReloadReport {
     pub listener_only: Vec<&'static str>,
 }
 
-/// Why a reload changed nothing.
+/// The reason a reload changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     #[error("the configuration was not read from a file, so there is nothing to read again")]
