@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod passthrough;
 pub mod policy;
 pub mod queue;
+pub mod ratelimit;
 pub mod router;
 pub mod smtp;

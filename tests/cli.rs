@@ -84,6 +84,40 @@ fn check_reports_yaml_errors_with_line() {
     assert!(stderr.contains("line 4"), "{stderr}");
 }
 
+#[test]
+fn check_reports_unknown_rate_limit_class() {
+    let directory = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(directory.path().join("rules")).expect("rules directory");
+    std::fs::write(
+        directory.path().join("rules/20-customers.yaml"),
+        "- name: customers\n  client: [10.20.0.0/16]\n  action: relay\n  rate_limit: customer\n\
+         - name: blocked\n  client: [192.0.2.0/24]\n  action: reject\n  rate_limit: customers\n",
+    )
+    .expect("write rules");
+    let path = write_config(
+        &directory,
+        "listeners:\n  - address: 127.0.0.1:2525\nrate_limits:\n  customers:\n    messages_per_sender: 100/1h\n",
+    );
+    let output = wsmtp()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("run wsmtp check");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for expected in [
+        "20-customers.yaml: unknown rate limit class \"customer\"; define it under rate_limits",
+        "20-customers.yaml: rate_limit is only used with actions accept and relay",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("line 4:"), "{stderr}");
+    assert!(stderr.contains("line 8:"), "{stderr}");
+}
+
 /// A server process that is killed if the test fails before stopping it.
 struct ServerProcess(std::process::Child);
 

@@ -1,10 +1,12 @@
-//! The command line: `serve`, `check`, `migrate`, `queue …` and `accounts …`.
+//! The command line: `serve`, `check`, `reload`, `route`, `migrate`,
+//! `queue …` and `accounts …`.
 //!
 //! Every command takes `--config PATH` (default `config.yaml`). Errors go to
 //! stderr and make the process exit non-zero.
 
 pub mod accounts;
 pub mod queue_commands;
+pub mod reload;
 pub mod route;
 pub mod serve;
 
@@ -54,6 +56,13 @@ pub enum Command {
     /// Validate the configuration and the relay rules and print every
     /// problem with its key or file and line.
     Check,
+    /// Validate the configuration, then make the running server (the
+    /// process in `pid_file`) reload it, and print the server's outcome.
+    Reload {
+        /// Seconds to wait for the server to report its outcome.
+        #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+        timeout: u64,
+    },
     /// Show, without sending anything, what wsmtp would do with each
     /// recipient and which rule or directory entry decides it.
     Route(route::RouteArgs),
@@ -76,6 +85,9 @@ pub fn run(cli: Cli) -> ExitCode {
     }
     match cli.command {
         Command::Check => check(&cli.config),
+        Command::Reload { timeout } => {
+            reload::run(&cli.config, std::time::Duration::from_secs(timeout))
+        }
         Command::Serve { roles } => {
             with_config(&cli.config, |config| runtime(serve::serve(config, roles)))
         }
@@ -102,13 +114,15 @@ fn check(path: &Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
             println!(
-                "{}: OK ({} listener(s), {} local domain(s), {} relay domain(s), {} downstream group(s), {} rule(s), queue {})",
+                "{}: OK ({} listener(s), {} local domain(s), {} relay domain(s), {} downstream group(s), {} rule(s), {} list entries, {} rate limit class(es), queue {})",
                 path.display(),
                 config.listeners.len(),
                 config.relay.local_domains.len(),
                 config.relay.relay_domains.len(),
                 config.groups.len(),
                 config.rules.rules().len(),
+                config.lists.entry_count(),
+                config.rate_limits.classes.len(),
                 if config.queue.is_some() {
                     "configured"
                 } else {

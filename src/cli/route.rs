@@ -56,6 +56,10 @@ pub async fn run(config: Config, args: RouteArgs) -> anyhow::Result<()> {
             directory.display()
         );
     }
+    println!(
+        "connection limits: class {}",
+        config.rate_limits.class_for_client(args.client)
+    );
     let dnsbl = check_blocklists(&config, args.client, &sender).await?;
     let session = SessionFacts {
         client: args.client,
@@ -100,6 +104,15 @@ pub async fn run(config: Config, args: RouteArgs) -> anyhow::Result<()> {
             Action::Reject(reply) => println!("  decision: reject with {}", reply.summary()),
         }
         println!("  rule:     {}", decision.rule);
+        if let Action::Accept(_) = decision.action {
+            let limits = &config.rate_limits;
+            let class = decision
+                .rate_limit
+                .as_deref()
+                .and_then(|name| limits.classes.get(name))
+                .unwrap_or_else(|| limits.class_for_client(args.client));
+            println!("  limits:   class {class}");
+        }
         if let (Action::Accept(Route::Local), Some(snapshot)) = (&decision.action, &snapshot) {
             print_routing(&config, snapshot, &sender, &address);
         }

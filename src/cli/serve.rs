@@ -1,9 +1,10 @@
 //! `wsmtp serve`: runs the listener, router and delivery tiers until SIGTERM
-//! or SIGINT.
+//! or SIGINT, and reloads the configuration on SIGHUP.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin::{AdminServer, AdminState, Readiness};
@@ -14,9 +15,11 @@ use crate::delivery::worker::DeliveryWorkers;
 use crate::directory::{self, Directory};
 use crate::listener::Server;
 use crate::listener::intake::Shared;
+use crate::listener::reload::Reloader;
 use crate::metrics::{Component, Metrics};
 use crate::policy::dnsbl::Blocklists;
 use crate::queue::Queue;
+use crate::ratelimit::RateLimits;
 use crate::router::worker::{Router, RouterSettings};
 
 /// How long to wait between attempts to migrate an unreachable queue database.
@@ -45,15 +48,48 @@ pub struct Running {
     /// The bound admin address, when `admin` is configured.
     pub admin_address: Option<SocketAddr>,
     pub metrics: Arc<Metrics>,
+    /// Reloads the configuration; SIGHUP calls it in `wsmtp serve`.
+    pub reloader: Arc<Reloader>,
 }
 
 pub async fn serve(config: Config, roles: Vec<Role>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed first: SIGHUP's default action ends the process, and
+    // `wsmtp reload` may send it as soon as the pid file exists.
+    let hangup = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let pid_file = config.pid_file.clone();
     let shutdown = CancellationToken::new();
     let running = start(config, &roles, shutdown.clone()).await?;
+    let pid_file = pid_file.and_then(|path| super::reload::PidFile::create(&path));
+    let status = pid_file.as_ref().map(|file| file.status_path());
+    tokio::spawn(reload_on_hangup(
+        hangup,
+        Arc::clone(&running.reloader),
+        status,
+    ));
     tokio::spawn(wait_for_signal(shutdown));
     running.handle.await?;
+    drop(pid_file);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reloads the configuration at each SIGHUP and writes the outcome to the
+/// status file that `wsmtp reload` waits for.
+async fn reload_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    reloader: Arc<Reloader>,
+    status: Option<std::path::PathBuf>,
+) {
+    while hangup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the configuration");
+        let result = reloader.reload().await;
+        if let Some(path) = &status {
+            let stats = reloader.stats();
+            let attempt = stats.successes() + stats.failures();
+            super::reload::write_status(path, attempt, &result);
+        }
+    }
 }
 
 /// Starts the given roles and returns at once.
@@ -161,23 +197,34 @@ pub async fn start(
 
     let mut tasks = Vec::new();
     let mut addresses = Vec::new();
+    let config = Arc::new(config);
+    let mut listener_state = None;
     if wants_listener {
         let blocklists = Blocklists::from_config(&config)?.map(Arc::new);
+        let rate_limits = RateLimits::new(&config.rate_limits, config.limits.rate_limit_keys, None);
         let shared = Arc::new(Shared {
-            config: Arc::new(config),
+            config: Arc::clone(&config),
             queue,
             directory: directory.clone(),
             router_wake: router.as_ref().map(|r| r.wake_handle()),
             blocklists,
             metrics: Arc::clone(&metrics),
+            rate_limits: Arc::new(rate_limits),
         });
         let server = Server::bind(shared).await?;
         addresses = server.local_addresses();
+        listener_state = Some(server.state());
         tasks.push(tokio::spawn(server.run(shutdown.clone())));
         // The sockets are bound and listening: connections wait in the
         // backlog until the accept loops take them.
         readiness.set_listening();
     }
+    let reloader = Arc::new(Reloader::new(
+        config,
+        listener_state,
+        wants_router || wants_delivery,
+        Arc::clone(&metrics),
+    ));
     if let Some(router) = &router {
         tasks.push(tokio::spawn(Arc::clone(router).run(shutdown.clone())));
     }
@@ -203,6 +250,7 @@ pub async fn start(
         delivery,
         admin_address,
         metrics,
+        reloader,
     })
 }
 

@@ -39,7 +39,7 @@ impl TlsMode {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct DeliveryConfig {
     /// Concurrent delivery sessions in this process.
     pub workers: usize,

@@ -22,10 +22,14 @@ use serde_saphyr::Spanned;
 mod admin;
 mod auth;
 mod delivery;
+mod rate_limits;
 
 pub use admin::AdminConfig;
 pub use auth::{AuthSettings, ListenerAuth, Mechanism};
 pub use delivery::{DeliveryConfig, TlsMode};
+pub use rate_limits::{
+    DEFAULT_CLASS, Rate, RateClass, RateLimitName, RateLimitsConfig, parse_rate,
+};
 
 use crate::policy::address::Domain;
 use crate::policy::dnsbl::{BlocklistZone, OnError, ZoneKind};
@@ -94,6 +98,16 @@ pub struct Config {
     /// DNS blocklist zones that rules may name; only the named ones are
     /// queried.
     pub dnsbl: Vec<BlocklistZone>,
+    /// The named lists, as the rules refer to them.
+    pub lists: Lists,
+    /// Rate limit classes; `default` is always there.
+    pub rate_limits: RateLimitsConfig,
+    /// Where `serve` writes its process id, for `wsmtp reload`; None when
+    /// the file was not read from disk and no `pid_file` is set.
+    pub pid_file: Option<PathBuf>,
+    /// The file this configuration was read from, which a reload reads
+    /// again; None for text parsed in memory.
+    pub path: Option<PathBuf>,
     /// How often the directory version is polled when no notification came.
     pub directory_poll_interval: Duration,
     pub log: LogConfig,
@@ -101,7 +115,7 @@ pub struct Config {
     pub admin: Option<AdminConfig>,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RouterConfig {
     /// Concurrent routing loops per process.
     pub workers: usize,
@@ -117,7 +131,7 @@ pub struct RouterConfig {
     pub poll_interval: Duration,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerConfig {
     pub address: SocketAddr,
     pub tls: Option<TlsFiles>,
@@ -128,7 +142,7 @@ pub struct ListenerConfig {
 }
 
 /// Load balancers whose connections open with a PROXY protocol header.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProxyProtocolConfig {
     /// Peers that must send the header; other peers are clients themselves.
     pub trusted: Vec<IpNet>,
@@ -144,7 +158,7 @@ impl ProxyProtocolConfig {
     }
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TlsFiles {
     pub certificate: PathBuf,
     pub key: PathBuf,
@@ -174,6 +188,9 @@ pub struct Limits {
     pub max_received_headers: usize,
     pub max_errors: usize,
     pub nul_bytes: NulPolicy,
+    /// Keys (client addresses, senders or users) that each rate limit of
+    /// each class tracks at most.
+    pub rate_limit_keys: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -187,7 +204,7 @@ pub struct Timeouts {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RelayConfig {
     /// Domains whose recipients are spooled for local routing (A-labels, lowercase).
     pub local_domains: HashSet<String>,
@@ -213,7 +230,7 @@ pub enum Fallback {
     Queue,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupConfig {
     pub name: String,
     /// `host:port` entries tried in order.
@@ -227,7 +244,7 @@ pub struct GroupConfig {
     pub tls: TlsMode,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueSettings {
     pub database: QueueConfig,
     /// How often the janitor looks for unfinished (`receiving`) messages past their deadline.
@@ -241,7 +258,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogConfig {
     pub format: LogFormat,
     /// A tracing `EnvFilter` directive, e.g. `info` or `wsmtp=debug`. `RUST_LOG` overrides it.
@@ -257,8 +274,11 @@ type Text = Spanned<String>;
 struct RawConfig {
     hostname: Option<Text>,
     rules: Option<Text>,
+    pid_file: Option<Text>,
     #[serde(default)]
     lists: Vec<RawList>,
+    #[serde(default)]
+    rate_limits: BTreeMap<String, Spanned<rate_limits::RawRateClass>>,
     #[serde(default)]
     dnsbl: Vec<RawDnsbl>,
     #[serde(default)]
@@ -356,6 +376,7 @@ struct RawLimits {
     max_received_headers: Option<Spanned<u64>>,
     max_errors: Option<Spanned<u64>>,
     nul_bytes: Option<NulPolicy>,
+    rate_limit_keys: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -562,12 +583,15 @@ impl Config {
             .ok()
             .filter(|url| !url.is_empty());
         let base = path.parent().unwrap_or(Path::new("."));
-        Config::parse_at(&text, database_url.as_deref(), Some(base)).map_err(|problems| {
-            ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems,
-            }
-        })
+        let mut config =
+            Config::parse_at(&text, database_url.as_deref(), Some(base)).map_err(|problems| {
+                ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    problems,
+                }
+            })?;
+        config.path = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses configuration text; `database_url` overrides `queue.url`. A
@@ -599,7 +623,7 @@ impl Config {
         let rules = raw.rules.clone();
         let raw_lists = raw.lists.clone();
         let raw_dnsbl = raw.dnsbl.clone();
-        let mut config = convert(raw, database_url, &mut checker);
+        let mut config = convert(raw, database_url, base, &mut checker);
         let mut lists = load_lists(&raw_lists, base, &mut checker);
         config.dnsbl = convert_dnsbl(&raw_dnsbl, &mut checker);
         lists.blocklists = config
@@ -607,7 +631,9 @@ impl Config {
             .iter()
             .map(|zone| (zone.zone.clone(), zone.clone()))
             .collect();
+        lists.rate_limit_classes = config.rate_limits.classes.keys().cloned().collect();
         load_rules(&mut config, rules.as_ref(), base, &lists, &mut checker);
+        config.lists = lists;
         if checker.problems.is_empty() {
             Ok(config)
         } else {
@@ -616,7 +642,12 @@ impl Config {
     }
 }
 
-fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) -> Config {
+fn convert(
+    raw: RawConfig,
+    database_url: Option<&str>,
+    base: Option<&Path>,
+    checker: &mut Checker,
+) -> Config {
     let hostname = match raw.hostname {
         Some(name) => match Domain::parse(&name.value) {
             Ok(Domain::Name(_)) => name.value.trim_end_matches('.').to_string(),
@@ -634,6 +665,22 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
 
     let listeners = convert_listeners(&raw.listeners, checker);
     let limits = convert_limits(&raw.limits, checker);
+    let rate_limits = rate_limits::convert_rate_limits(
+        &raw.rate_limits,
+        limits.max_connections_per_ip,
+        raw.limits.max_connections_per_ip.is_some(),
+        checker,
+    );
+    // A relative pid file is taken from the configuration's directory.
+    let pid_file = match (&raw.pid_file, base) {
+        (Some(text), _) if text.value.trim().is_empty() => {
+            checker.problem("pid_file", text.referenced.line(), "empty path");
+            None
+        }
+        (Some(text), base) => Some(base.unwrap_or(Path::new("")).join(text.value.trim())),
+        (None, Some(base)) => Some(base.join(DEFAULT_PID_FILE)),
+        (None, None) => None,
+    };
     let timeouts = convert_timeouts(&raw.timeouts, checker);
     let groups = convert_groups(&raw.downstream_groups, checker);
     let relay = convert_relay(&raw.relay, &groups, checker);
@@ -697,11 +744,18 @@ fn convert(raw: RawConfig, database_url: Option<&str>, checker: &mut Checker) ->
         rules: Default::default(),
         rules_directory: None,
         dnsbl: Vec::new(),
+        lists: Lists::default(),
+        rate_limits,
+        pid_file,
+        path: None,
         directory_poll_interval,
         log,
         admin,
     }
 }
+
+/// File name of the pid file beside the configuration, without `pid_file`.
+pub const DEFAULT_PID_FILE: &str = "wsmtp.pid";
 
 /// Reads the named lists; relative files are taken from `base`.
 fn load_lists(raw: &[RawList], base: Option<&Path>, checker: &mut Checker) -> Lists {
@@ -1064,6 +1118,13 @@ fn convert_limits(raw: &RawLimits, checker: &mut Checker) -> Limits {
         ) as usize,
         max_errors: checker.bounded("limits.max_errors", &raw.max_errors, 20, 1, 10_000) as usize,
         nul_bytes: raw.nul_bytes.unwrap_or(NulPolicy::Reject),
+        rate_limit_keys: checker.bounded(
+            "limits.rate_limit_keys",
+            &raw.rate_limit_keys,
+            100_000,
+            100,
+            10_000_000,
+        ) as usize,
     }
 }
 

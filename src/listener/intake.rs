@@ -1,7 +1,7 @@
 //! The transaction handler of the listener: joins the relay decision, the
 //! pass-through relay and the queue.
 //!
-//! Each recipient is decided by [`policy::decide_recipient`]. The first
+//! Each recipient is decided by [`policy::decide`]. The first
 //! accepted recipient sets the transaction's mode:
 //! - pass-through, when it goes to a downstream group: MAIL and RCPT are
 //!   forwarded at once and the downstream's replies go back to the client;
@@ -18,6 +18,12 @@
 //! breaks, or MAIL gets a 4xx, the recipient is spooled with the group as its
 //! route instead of getting the 4xx, and the router hands it to the group
 //! later. A 5xx from the downstream is always passed on.
+//!
+//! Rate limits: a recipient that the policy accepts is counted against the
+//! recipient limits of its class, and the first one of each transaction
+//! against the message limits too (see [`crate::ratelimit`]). Over a limit,
+//! it gets `451 4.7.1` with the limit named instead. Postmaster at a local
+//! domain is neither counted nor refused.
 //!
 //! When rules name DNS blocklist zones, the client is looked up at the first
 //! RCPT of the session (so a client rejected earlier causes no query) and the
@@ -38,6 +44,7 @@ use crate::passthrough::Relay;
 use crate::policy::dnsbl::{Blocklists, DnsblResults, Listing};
 use crate::policy::{self, Action, DirectoryView, Route, SessionFacts};
 use crate::queue::{self, Queue, SpoolRecipient, SpoolWriter};
+use crate::ratelimit::{self, RateLimits};
 use crate::smtp::envelope::{Envelope, Recipient};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{ClientInfo, ContentRoute, Handler};
@@ -53,6 +60,8 @@ pub struct Shared {
     /// The DNS blocklists that rules name; None when no rule names one.
     pub blocklists: Option<Arc<Blocklists>>,
     pub metrics: Arc<Metrics>,
+    /// The limiters of every rate limit class.
+    pub rate_limits: Arc<RateLimits>,
 }
 
 /// A group's failure to take the transaction.
@@ -113,6 +122,8 @@ pub struct Intake {
     checked_domain: Option<String>,
     /// The destination of the current transaction's content.
     content_route: ContentRoute,
+    /// Whether this transaction was counted against the message limits.
+    message_counted: bool,
 }
 
 impl Intake {
@@ -128,6 +139,7 @@ impl Intake {
             dnsbl: DnsblResults::new(),
             client_checked: false,
             checked_domain: None,
+            message_counted: false,
             content_route: ContentRoute::None,
         }
     }
@@ -142,6 +154,52 @@ impl Intake {
             };
             self.shared.metrics.dnsbl.lookup(zone, result);
         }
+    }
+
+    /// Counts an accepted recipient against the rate limits of its class:
+    /// the class its rule names, else the client's. Returns the reply for a
+    /// limit that refuses it.
+    fn check_rate_limits(
+        &mut self,
+        client: &ClientInfo,
+        envelope: &Envelope,
+        sender: &str,
+        decision: &policy::Decision,
+    ) -> Result<(), Reply> {
+        let limits = &self.shared.rate_limits;
+        let ip = client.peer.ip();
+        let class = decision
+            .rate_limit
+            .as_deref()
+            .and_then(|name| limits.class(name))
+            .unwrap_or_else(|| limits.class_for_client(ip));
+        let from = ratelimit::Sender {
+            client: ip,
+            user: client.authenticated.as_deref(),
+            address: sender,
+        };
+        let mut result = Ok(());
+        if !self.message_counted {
+            result = class.check_message(&from);
+            self.message_counted = result.is_ok();
+        }
+        let result = result.and_then(|()| class.check_recipient(&from));
+        result.map_err(|hit| {
+            let reply = hit.reply();
+            self.shared.metrics.rate_limit_hit(hit.limit.as_str());
+            tracing::info!(
+                queue_id = %envelope.queue_id(),
+                client_ip = %ip,
+                account = client.authenticated.as_deref().unwrap_or(""),
+                sender = %envelope.sender_text(),
+                limit = hit.limit.as_str(),
+                class = %hit.class,
+                rate = %hit.rate,
+                reply = %reply.summary(),
+                "rate limit reached"
+            );
+            reply
+        })
     }
 
     /// Looks up what the rules' blocklists need and is not known yet: the
@@ -499,9 +557,17 @@ impl Handler for Intake {
             &recipient.address,
             recipient.bare_postmaster,
         );
-        let reply = match &decision.action {
-            Action::Reject(reply) => reply.clone(),
-            Action::Accept(Route::Local) => {
+        // Postmaster is always accepted (RFC 5321 §4.5.1), whatever the limits.
+        let limited = match &decision.action {
+            Action::Accept(_) if decision.rule != "postmaster" => self
+                .check_rate_limits(client, envelope, &sender, &decision)
+                .err(),
+            Action::Accept(_) | Action::Reject(_) => None,
+        };
+        let reply = match (&decision.action, limited) {
+            (_, Some(reply)) => reply,
+            (Action::Reject(reply), None) => reply.clone(),
+            (Action::Accept(Route::Local), None) => {
                 if self.shared.queue.is_none() {
                     Reply::queue_unavailable()
                 } else if let Mode::Broken = self.mode {
@@ -517,7 +583,7 @@ impl Handler for Intake {
                     }
                 }
             }
-            Action::Accept(Route::Group(group)) => {
+            (Action::Accept(Route::Group(group)), None) => {
                 let group = group.clone();
                 self.relay_recipient(&group, envelope, recipient).await
             }
@@ -649,6 +715,7 @@ impl Handler for Intake {
         self.recipients.clear();
         self.failed_groups.clear();
         self.fallback_logged = false;
+        self.message_counted = false;
         self.content_route = ContentRoute::None;
     }
 

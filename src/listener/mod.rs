@@ -2,8 +2,13 @@
 //! within the connection limits, and runs one [`Session`] task per
 //! connection with an [`Intake`] handler.
 //!
-//! Limits: a total connection cap and a per-client-IP cap; a client over
-//! either gets `421 4.7.0` and is closed before any command is read.
+//! Limits: a total connection cap, a cap of open connections per client
+//! address and a rate of new connections per client address (IPv6: per
+//! /64), the last two from the client's rate limit class. A client over
+//! any of them gets `421 4.7.0` and is closed before any command is read.
+//! Reloads: the settings that sessions read are one [`ListenerState`],
+//! which a reload replaces as a whole. Each connection takes the state
+//! current when it is admitted and keeps it to its end.
 //! PROXY protocol: the header of a trusted load balancer's connection is read
 //! in the connection's own task. The client it names is the one counted and
 //! served, and a balancer that sends no valid header is closed without a
@@ -14,12 +19,14 @@
 
 pub mod intake;
 pub mod proxy_protocol;
+pub mod reload;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context as _;
+use arc_swap::ArcSwap;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncWriteExt;
@@ -29,17 +36,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
+use crate::auth::limiter::ClientKey;
 use crate::config::{ListenerConfig, ProxyProtocolConfig, TlsFiles};
 use crate::metrics::{ConnectionRejection, Metrics};
 use crate::smtp::reply::Reply;
 use crate::smtp::session::{Session, SessionAuth, SessionConfig};
 use intake::{Intake, Shared};
 
-/// Counts open connections, in total and per client IP.
+/// Counts open connections, in total and per client address (IPv6: per
+/// /64). The maximums come with each request, from the current
+/// configuration, so the counts survive a reload.
 struct ConnectionLimits {
-    max_total: usize,
-    max_per_ip: usize,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<HashMap<ClientKey, usize>>,
     total: std::sync::atomic::AtomicUsize,
     metrics: Arc<Metrics>,
 }
@@ -47,16 +55,26 @@ struct ConnectionLimits {
 /// Held by a session; releases its connection slot when dropped.
 struct ConnectionSlot {
     limits: Arc<ConnectionLimits>,
-    ip: IpAddr,
+    key: ClientKey,
     /// `wsmtp_connections_open`, decreased when the slot is released.
     open_gauge: prometheus_client::metrics::gauge::Gauge,
+}
+
+/// A connection over a limit: the limit's name for the log, the reason for
+/// the metrics, and the reply.
+struct Refusal {
+    limit: &'static str,
+    reason: ConnectionRejection,
+    reply: Reply,
 }
 
 impl ConnectionLimits {
     fn acquire(
         self: &Arc<Self>,
         ip: IpAddr,
-    ) -> Result<ConnectionSlot, (Reply, ConnectionRejection)> {
+        max_total: usize,
+        max_per_ip: usize,
+    ) -> Result<ConnectionSlot, Refusal> {
         use std::sync::atomic::Ordering;
         // A poisoned lock means a session panicked while holding it; the
         // counters are still usable, so recover the guard.
@@ -64,24 +82,30 @@ impl ConnectionLimits {
             .open
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if self.total.load(Ordering::Relaxed) >= self.max_total {
-            return Err((
-                Reply::too_many_connections(),
-                ConnectionRejection::MaxConnections,
-            ));
+        if self.total.load(Ordering::Relaxed) >= max_total {
+            return Err(Refusal {
+                limit: "max_connections",
+                reason: ConnectionRejection::MaxConnections,
+                reply: Reply::too_many_connections(),
+            });
         }
-        let count = open.entry(ip).or_insert(0);
-        if *count >= self.max_per_ip {
-            return Err((
-                Reply::too_many_connections_from_ip(),
-                ConnectionRejection::MaxConnectionsPerIp,
-            ));
+        let key = ClientKey::from_ip(ip);
+        let count = open.entry(key).or_insert(0);
+        if *count >= max_per_ip {
+            if *count == 0 {
+                open.remove(&key);
+            }
+            return Err(Refusal {
+                limit: "max_connections_per_ip",
+                reason: ConnectionRejection::MaxConnectionsPerIp,
+                reply: Reply::too_many_connections_from_ip(),
+            });
         }
         *count += 1;
         self.total.fetch_add(1, Ordering::Relaxed);
         Ok(ConnectionSlot {
             limits: Arc::clone(self),
-            ip,
+            key,
             open_gauge: self.metrics.smtp.connections_open.clone(),
         })
     }
@@ -95,10 +119,10 @@ impl Drop for ConnectionSlot {
             .open
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = open.get_mut(&self.ip) {
+        if let Some(count) = open.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                open.remove(&self.ip);
+                open.remove(&self.key);
             }
         }
         self.limits.total.fetch_sub(1, Ordering::Relaxed);
@@ -106,19 +130,53 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// A bound socket with the settings of its listener.
+/// A bound socket with the settings of its listener that only a restart
+/// changes.
 struct BoundListener {
     socket: TcpListener,
-    session_config: Arc<SessionConfig>,
+    /// Position in `listeners`, which is also the index of its session
+    /// settings in [`ListenerState`].
+    index: usize,
     proxy_protocol: Option<ProxyProtocolConfig>,
+}
+
+/// What the sessions of every listener read: the configuration with the
+/// rules, lists and rate limits, and each listener's session settings.
+pub struct ListenerState {
+    pub shared: Arc<Shared>,
+    /// Session settings of each listener, in configuration order.
+    sessions: Vec<Arc<SessionConfig>>,
+}
+
+impl ListenerState {
+    /// Builds the state for a reloaded configuration in `shared`. Limits
+    /// and timeouts come from it; the host name, TLS and AUTH of each
+    /// listener only change with a restart, so they are kept.
+    pub fn reloaded(&self, shared: Arc<Shared>) -> ListenerState {
+        let sessions = self
+            .sessions
+            .iter()
+            .map(|old| {
+                Arc::new(SessionConfig {
+                    hostname: old.hostname.clone(),
+                    limits: shared.config.limits.clone(),
+                    timeouts: shared.config.timeouts.clone(),
+                    tls: old.tls.clone(),
+                    implicit_tls: old.implicit_tls,
+                    auth: old.auth.clone(),
+                    metrics: Arc::clone(&old.metrics),
+                })
+            })
+            .collect();
+        ListenerState { shared, sessions }
+    }
 }
 
 /// A bound listener, ready to serve.
 pub struct Server {
     sockets: Vec<BoundListener>,
-    shared: Arc<Shared>,
-    limits: Arc<ConnectionLimits>,
-    grace: std::time::Duration,
+    state: Arc<ArcSwap<ListenerState>>,
+    connections: Arc<ConnectionLimits>,
 }
 
 impl Server {
@@ -126,6 +184,7 @@ impl Server {
     pub async fn bind(shared: Arc<Shared>) -> anyhow::Result<Server> {
         let config = Arc::clone(&shared.config);
         let mut sockets = Vec::new();
+        let mut sessions = Vec::new();
         // One authenticator for all listeners, so failure counts are shared.
         let authenticator = match &shared.directory {
             Some(directory) if config.listeners.iter().any(|l| l.auth.is_some()) => Some(Arc::new(
@@ -133,12 +192,12 @@ impl Server {
             )),
             _ => None,
         };
-        for listener in &config.listeners {
+        for (index, listener) in config.listeners.iter().enumerate() {
             let tls = match &listener.tls {
                 Some(files) => Some(load_tls(files)?),
                 None => None,
             };
-            let session_config = Arc::new(SessionConfig {
+            sessions.push(Arc::new(SessionConfig {
                 hostname: config.hostname.clone(),
                 limits: config.limits.clone(),
                 timeouts: config.timeouts.clone(),
@@ -146,29 +205,32 @@ impl Server {
                 implicit_tls: listener.tls.as_ref().is_some_and(|files| files.implicit),
                 auth: session_auth(listener, authenticator.as_ref())?,
                 metrics: Arc::clone(&shared.metrics),
-            });
+            }));
             let socket = TcpListener::bind(listener.address)
                 .await
                 .with_context(|| format!("cannot listen on {}", listener.address))?;
             sockets.push(BoundListener {
                 socket,
-                session_config,
+                index,
                 proxy_protocol: listener.proxy_protocol.clone(),
             });
         }
-        let limits = Arc::new(ConnectionLimits {
-            max_total: config.limits.max_connections,
-            max_per_ip: config.limits.max_connections_per_ip,
+        let connections = Arc::new(ConnectionLimits {
             open: Mutex::new(HashMap::new()),
             total: std::sync::atomic::AtomicUsize::new(0),
             metrics: Arc::clone(&shared.metrics),
         });
+        let state = ListenerState { shared, sessions };
         Ok(Server {
             sockets,
-            shared,
-            limits,
-            grace: config.timeouts.shutdown_grace,
+            state: Arc::new(ArcSwap::from_pointee(state)),
+            connections,
         })
+    }
+
+    /// The state that new connections take, for a reload to replace.
+    pub fn state(&self) -> Arc<ArcSwap<ListenerState>> {
+        Arc::clone(&self.state)
     }
 
     /// The bound addresses, in configuration order (useful with port 0).
@@ -183,25 +245,27 @@ impl Server {
     pub async fn run(self, shutdown: CancellationToken) {
         let tracker = TaskTracker::new();
         let sessions = CancellationToken::new();
+        tracker.spawn(tidy_rate_limits(Arc::clone(&self.state), shutdown.clone()));
         for bound in self.sockets {
             let address = bound
                 .socket
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_default();
+            let session_config = Arc::clone(&self.state.load().sessions[bound.index]);
             tracing::info!(
                 address = %address,
-                tls = bound.session_config.tls.is_some(),
-                implicit_tls = bound.session_config.implicit_tls,
-                auth = bound.session_config.auth.is_some(),
+                tls = session_config.tls.is_some(),
+                implicit_tls = session_config.implicit_tls,
+                auth = session_config.auth.is_some(),
                 proxy_protocol = bound.proxy_protocol.is_some(),
                 "listening"
             );
             let context = Arc::new(ListenerContext {
-                session_config: bound.session_config,
+                index: bound.index,
                 proxy_protocol: bound.proxy_protocol,
-                shared: Arc::clone(&self.shared),
-                limits: Arc::clone(&self.limits),
+                state: Arc::clone(&self.state),
+                connections: Arc::clone(&self.connections),
                 sessions: sessions.clone(),
             });
             tracker.spawn(accept_loop(
@@ -213,62 +277,107 @@ impl Server {
         }
 
         shutdown.cancelled().await;
+        let grace = self.state.load().shared.config.timeouts.shutdown_grace;
         tracing::info!(
-            grace_seconds = self.grace.as_secs(),
+            grace_seconds = grace.as_secs(),
             "shutting down: no new connections"
         );
         // Idle sessions close with 421 now; sessions inside a transaction get
         // the grace period to finish it.
         sessions.cancel();
         tracker.close();
-        if tokio::time::timeout(self.grace, tracker.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!("grace period over: closing sessions still open");
         }
     }
 }
 
+/// Drops rate limit keys that are back to a fresh state, every
+/// [`TIDY_INTERVAL`](crate::ratelimit::TIDY_INTERVAL), in the limiters
+/// that new connections use.
+async fn tidy_rate_limits(state: Arc<ArcSwap<ListenerState>>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(crate::ratelimit::TIDY_INTERVAL) => {}
+            () = shutdown.cancelled() => return,
+        }
+        let rate_limits = Arc::clone(&state.load().shared.rate_limits);
+        let started = std::time::Instant::now();
+        rate_limits.tidy();
+        tracing::debug!(
+            keys = rate_limits.tracked_keys(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "rate limit keys tidied"
+        );
+    }
+}
+
 /// Settings and shared state for the connections of one listener.
 struct ListenerContext {
-    session_config: Arc<SessionConfig>,
+    /// Position of the listener in `listeners`.
+    index: usize,
     proxy_protocol: Option<ProxyProtocolConfig>,
-    shared: Arc<Shared>,
-    limits: Arc<ConnectionLimits>,
+    state: Arc<ArcSwap<ListenerState>>,
+    connections: Arc<ConnectionLimits>,
     /// Cancelled at shutdown: idle sessions close.
     sessions: CancellationToken,
 }
 
 impl ListenerContext {
     /// Counts the connection against the limits for `client` and builds its
-    /// session. Over a limit the connection gets 421 from a task of its own
-    /// and `None` is returned.
+    /// session with the current state. Over a limit the connection gets 421
+    /// from a task of its own and `None` is returned.
     fn admit(
         &self,
         stream: TcpStream,
         client: SocketAddr,
         local: SocketAddr,
     ) -> Option<(Session<Intake>, ConnectionSlot)> {
-        let metrics = &self.shared.metrics;
-        let slot = match self.limits.acquire(client.ip()) {
+        let state = self.state.load_full();
+        let metrics = &state.shared.metrics;
+        let class = state.shared.rate_limits.class_for_client(client.ip());
+        let admitted = self
+            .connections
+            .acquire(
+                client.ip(),
+                state.shared.config.limits.max_connections,
+                class.max_connections_per_ip(),
+            )
+            .and_then(|slot| match class.check_connection(client.ip()) {
+                Ok(()) => Ok(slot),
+                Err(hit) => Err(Refusal {
+                    limit: hit.limit.as_str(),
+                    reason: ConnectionRejection::RateLimit,
+                    reply: hit.reply(),
+                }),
+            });
+        let slot = match admitted {
             Ok(slot) => slot,
-            Err((reply, reason)) => {
-                metrics.smtp.connection_rejected(reason);
-                metrics.smtp.reply_sent(reply.code());
-                tracing::info!(client_ip = %client.ip(), reply = %reply.summary(), "connection refused by limit");
-                tokio::spawn(refuse(stream, reply));
+            Err(refusal) => {
+                metrics.smtp.connection_rejected(refusal.reason);
+                metrics.smtp.reply_sent(refusal.reply.code());
+                if refusal.reason == ConnectionRejection::RateLimit {
+                    metrics.rate_limit_hit(refusal.limit);
+                }
+                tracing::info!(
+                    client_ip = %client.ip(),
+                    limit = refusal.limit,
+                    class = class.name(),
+                    reply = %refusal.reply.summary(),
+                    "connection refused by limit"
+                );
+                tokio::spawn(refuse(stream, refusal.reply));
                 return None;
             }
         };
         metrics.smtp.connections_accepted.inc();
         metrics.smtp.connections_open.inc();
         let session = Session::new(
-            Arc::clone(&self.session_config),
+            Arc::clone(&state.sessions[self.index]),
             stream,
             client,
             local,
-            Intake::new(Arc::clone(&self.shared)),
+            Intake::new(Arc::clone(&state.shared)),
             self.sessions.clone(),
         );
         Some((session, slot))
@@ -303,7 +412,9 @@ impl ListenerContext {
                 return;
             }
             Err(error) => {
-                self.shared
+                self.state
+                    .load()
+                    .shared
                     .metrics
                     .smtp
                     .connection_rejected(ConnectionRejection::ProxyHeader);

@@ -179,6 +179,8 @@ pub enum ConnectionRejection {
     MaxConnections,
     MaxConnectionsPerIp,
     ProxyHeader,
+    /// A connection rate limit of a `rate_limits` class.
+    RateLimit,
 }
 
 /// The result of an AUTH exchange that reached the credential check.
@@ -194,7 +196,7 @@ pub enum AuthOutcome {
 pub struct SmtpMetrics {
     pub connections_open: Gauge,
     pub connections_accepted: Counter,
-    connections_rejected: [Counter; 3],
+    connections_rejected: [Counter; 4],
     replies: [Counter; 4],
     pub received_bytes: Counter,
     pub message_size: AtomicHistogram,
@@ -236,7 +238,12 @@ impl SmtpMetrics {
         let connections_rejected = counters(
             &rejected,
             "reason",
-            ["max_connections", "max_connections_per_ip", "proxy_header"],
+            [
+                "max_connections",
+                "max_connections_per_ip",
+                "proxy_header",
+                "rate_limit",
+            ],
         );
 
         let replies_family = CounterFamily::default();
@@ -1139,6 +1146,11 @@ impl ConfigMetrics {
             "Commands or connections refused by a rate limit, by limit name",
             rate_limits.clone(),
         );
+        // Every limit name is fixed, so each series exists from the start
+        // and a dashboard shows 0 instead of no data.
+        for name in crate::config::RateLimitName::ALL {
+            drop(rate_limits.get_or_create(&labels(&[("limit", name.as_str())])));
+        }
         ConfigMetrics {
             reloads: counters(&reloads_family, "result", ["success", "failure"]),
             last_reload,

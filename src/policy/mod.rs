@@ -94,6 +94,8 @@ pub struct Decision {
     pub rule: String,
     /// The name of the operator's rule that decided; None for a built-in rule.
     rule_name: Option<String>,
+    /// The rate limit class that the deciding rule names, if any.
+    pub rate_limit: Option<String>,
 }
 
 impl Decision {
@@ -102,6 +104,7 @@ impl Decision {
             action: Action::Accept(route),
             rule: rule.into(),
             rule_name: None,
+            rate_limit: None,
         }
     }
 
@@ -110,6 +113,7 @@ impl Decision {
             action: Action::Reject(reply),
             rule: rule.into(),
             rule_name: None,
+            rate_limit: None,
         }
     }
 
@@ -357,7 +361,7 @@ fn rule_decision(
         }
         RuleMatch::Matched { listed, .. } => listed.as_ref(),
     };
-    match &rule.action {
+    let decision = match &rule.action {
         RuleAction::Accept => Decision::accept(Route::Local, reference),
         RuleAction::Reject(reply) | RuleAction::Tempfail(reply) => {
             let reply = match listed {
@@ -378,6 +382,10 @@ fn rule_decision(
                 }
             }
         }
+    };
+    Decision {
+        rate_limit: rule.rate_limit.clone(),
+        ..decision
     }
 }
 

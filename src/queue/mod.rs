@@ -98,7 +98,7 @@ pub const MAX_CHUNK_SIZE: usize = 64 * 1024 * 1024;
 /// within about this time instead of a hang.
 pub const POOL_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueConfig {
     /// Connection URL, `postgres://user@host:port/db`.
     pub url: String,

@@ -415,6 +415,26 @@ impl Reply {
         )
     }
 
+    /// A connection over the rate of new connections allowed per client
+    /// address.
+    pub fn too_many_new_connections() -> Reply {
+        Reply::new(
+            421,
+            Enhanced(4, 7, 0),
+            "Too many new connections from your address, try again later",
+        )
+    }
+
+    /// A message or recipient over a rate limit. `what` names the limit,
+    /// e.g. "messages from this sender".
+    pub fn rate_limited(what: &str) -> Reply {
+        Reply::new(
+            451,
+            Enhanced(4, 7, 1),
+            format!("Too many {what}, try again later"),
+        )
+    }
+
     pub fn too_many_errors() -> Reply {
         Reply::new(
             421,

@@ -47,6 +47,7 @@ pub struct SessionConfig {
 }
 
 /// SMTP AUTH on one listener.
+#[derive(Clone)]
 pub struct SessionAuth {
     /// Offered mechanisms, in EHLO order.
     pub mechanisms: Vec<Mechanism>,

@@ -30,6 +30,9 @@ pub struct TestConfig {
     pub auth: Option<String>,
     /// YAML lines under the top-level `auth:` section.
     pub auth_settings: String,
+    /// Top-level YAML appended to the configuration, e.g. a `rate_limits:`
+    /// section or a `rules:` directory.
+    pub extra: String,
 }
 
 impl TestConfig {
@@ -42,7 +45,14 @@ impl TestConfig {
             tls: None,
             auth: None,
             auth_settings: String::new(),
+            extra: String::new(),
         }
+    }
+
+    /// Appends top-level YAML to the configuration.
+    pub fn extra(mut self, yaml: &str) -> TestConfig {
+        self.extra.push_str(yaml);
+        self
     }
 
     pub fn without_queue(mut self) -> TestConfig {
@@ -139,13 +149,14 @@ impl TestConfig {
              relay_domains:\n    - domain: example.net\n      group: legacy\n  \
              relay_networks: [127.0.0.1/32]\n  outbound_group: legacy\n\
              downstream_groups:\n  - name: legacy\n    connect_timeout: 2s\n    command_timeout: 10s\n    hosts:\n{hosts}\
-             {queue}",
+             {queue}{extra}",
             limits = if self.limits.contains("max_message_size") {
                 self.limits.clone()
             } else {
                 format!("  max_message_size: 209715200\n{}", self.limits)
             },
             timeouts = self.timeouts,
+            extra = self.extra,
         )
     }
 }
