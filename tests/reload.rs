@@ -360,3 +360,42 @@ async fn reload_command_and_sighup_end_to_end() {
     assert!(text.contains("config reloaded"), "{text}");
     assert!(text.contains("config reload failed"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reloads_and_limit_hits_are_scraped() {
+    let sink = Sink::start().await;
+    let extra = "rate_limits:\n  default:\n    messages_per_ip: 1/1h\n\
+                 admin:\n  address: 127.0.0.1:0\n";
+    let setup = Setup::new(&sink, 0, extra);
+    let (running, shutdown) = start(&setup.config_path()).await;
+    let admin = running.admin_address.expect("admin listener");
+    let limit_series = "wsmtp_rate_limit_hits_total{limit=\"messages_per_ip\"}";
+    let success_series = "wsmtp_config_reloads_total{result=\"success\"}";
+    let failure_series = "wsmtp_config_reloads_total{result=\"failure\"}";
+    let before = common::admin::scrape(admin).await;
+    assert_eq!(common::admin::value(&before, limit_series), 0.0);
+    assert_eq!(common::admin::value(&before, success_series), 0.0);
+
+    // The first message from 127.0.0.1 is counted, the second refused.
+    let mut client = session(running.addresses[0], "127.0.0.1").await;
+    client.expect("MAIL FROM:<a@example.org>", 250).await;
+    client.expect("RCPT TO:<bob@example.net>", 250).await;
+    client.expect("RSET", 250).await;
+    client.expect("MAIL FROM:<a@example.org>", 250).await;
+    client.expect("RCPT TO:<bob@example.net>", 451).await;
+    client.expect("QUIT", 221).await;
+
+    running.reloader.reload().await.expect("reload");
+    setup.write_rules("- name: broken\n  action: explode\n");
+    running
+        .reloader
+        .reload()
+        .await
+        .expect_err("the broken rules are refused");
+
+    let after = common::admin::scrape(admin).await;
+    assert_eq!(common::admin::value(&after, limit_series), 1.0);
+    assert_eq!(common::admin::value(&after, success_series), 1.0);
+    assert_eq!(common::admin::value(&after, failure_series), 1.0);
+    shutdown.cancel();
+}
