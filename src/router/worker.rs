@@ -77,41 +77,77 @@ pub enum RouterError {
 ///
 /// The partial index on queued recipients keeps the entries of routed
 /// recipients until vacuum removes them, and these sit at its start because
-/// message ids grow with time. A claim that always started at the oldest
-/// message walked over all of them, so under load each claim read thousands
-/// of dead entries. Claims therefore continue after the newest message
-/// claimed before. A claim that finds nothing there, and every
-/// [`FULL_SCAN_EVERY`]th claim, starts from the beginning again, so work
-/// left behind (leases that expired, messages another router had locked)
-/// is found too.
-#[derive(Default)]
+/// message ids grow with time. A claim that started at the oldest message
+/// walked over all of them, so under load each claim read thousands of dead
+/// entries. Claims therefore continue after the newest message claimed
+/// before, where new mail arrives.
+///
+/// Work is also left behind the cursor. A message gets its id at MAIL but
+/// becomes ready at the end of DATA, so under load many become ready after
+/// a newer message was claimed. Leases expire, and another router may hold
+/// a message locked. So a claim starts from the beginning when the last one that
+/// did was full (more work is likely left behind) and otherwise at most
+/// once per [`FULL_SCAN_INTERVAL`].
 struct ClaimCursor {
-    state: std::sync::Mutex<(QueueId, u32)>,
+    state: std::sync::Mutex<CursorState>,
 }
 
-/// Claims between two claims that start from the oldest message.
-const FULL_SCAN_EVERY: u32 = 16;
+struct CursorState {
+    /// The newest message claimed so far.
+    after: QueueId,
+    /// When a claim last started from the beginning; None before the first.
+    last_full_scan: Option<Instant>,
+    /// Whether that claim took as many messages as a claim may.
+    last_full_scan_was_full: bool,
+}
+
+/// Shortest time between two claims from the beginning that follow one
+/// that was not full.
+const FULL_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 
 impl ClaimCursor {
-    /// Returns the id to claim after; the nil id means from the beginning.
-    fn start(&self) -> QueueId {
-        let mut state = self.state.lock().expect("claim cursor lock");
-        state.1 += 1;
-        if state.1 >= FULL_SCAN_EVERY {
-            state.1 = 0;
-            return QueueId::nil();
+    fn new() -> ClaimCursor {
+        ClaimCursor {
+            state: std::sync::Mutex::new(CursorState {
+                after: QueueId::nil(),
+                last_full_scan: None,
+                last_full_scan_was_full: false,
+            }),
         }
-        state.0
     }
 
-    /// Moves the cursor past the newest claimed message, or back to the
-    /// beginning when the claim found nothing.
-    fn advance(&self, newest: Option<QueueId>) {
+    /// Returns the id to claim after; the nil id means from the beginning.
+    fn start(&self) -> QueueId {
+        if self.full_scan_due() {
+            return QueueId::nil();
+        }
+        self.state.lock().expect("claim cursor lock").after
+    }
+
+    /// Returns true, and notes the time, when a claim from the beginning is
+    /// due.
+    fn full_scan_due(&self) -> bool {
         let mut state = self.state.lock().expect("claim cursor lock");
-        match newest {
-            Some(id) if id > state.0 => state.0 = id,
-            Some(_) => {}
-            None => state.0 = QueueId::nil(),
+        let due = state.last_full_scan_was_full
+            || state
+                .last_full_scan
+                .is_none_or(|at| at.elapsed() >= FULL_SCAN_INTERVAL);
+        if due {
+            state.last_full_scan = Some(Instant::now());
+            state.last_full_scan_was_full = false;
+        }
+        due
+    }
+
+    /// Moves the cursor past the newest claimed message, and notes whether a
+    /// claim from the beginning was full.
+    fn advance(&self, newest: Option<QueueId>, full_scan_was_full: Option<bool>) {
+        let mut state = self.state.lock().expect("claim cursor lock");
+        if let Some(id) = newest.filter(|id| *id > state.after) {
+            state.after = id;
+        }
+        if let Some(full) = full_scan_was_full {
+            state.last_full_scan_was_full = full;
         }
     }
 }
@@ -159,7 +195,7 @@ impl Router {
             directory,
             settings,
             owner,
-            cursor: ClaimCursor::default(),
+            cursor: ClaimCursor::new(),
             wake: Arc::new(Notify::new()),
             delivery_wake: None,
             notifications,
@@ -439,14 +475,16 @@ impl Router {
     /// each gets this router's lease. Public for tests that stop a router
     /// between its claim and its routing.
     pub async fn claim(&self) -> Result<BTreeMap<QueueId, Vec<Claimed>>, RouterError> {
-        let after = self.cursor.start();
+        let mut after = self.cursor.start();
         let mut rows = self.claim_after(after).await?;
-        if rows.is_empty() && !after.is_nil() {
-            self.cursor.advance(None);
-            rows = self.claim_after(QueueId::nil()).await?;
+        if rows.is_empty() && !after.is_nil() && self.cursor.full_scan_due() {
+            after = QueueId::nil();
+            rows = self.claim_after(after).await?;
         }
+        let messages: HashSet<QueueId> = rows.iter().map(|row| row.get(0)).collect();
+        let full = messages.len() as i64 >= self.settings.claim_messages;
         self.cursor
-            .advance(rows.iter().map(|row| row.get::<_, QueueId>(0)).max());
+            .advance(messages.into_iter().max(), after.is_nil().then_some(full));
         let mut claimed: BTreeMap<QueueId, Vec<Claimed>> = BTreeMap::new();
         for row in rows {
             claimed.entry(row.get(0)).or_default().push(Claimed {
