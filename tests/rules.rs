@@ -371,6 +371,7 @@ fn every_rule_problem_is_reported_with_file_and_line() {
         "unknown downstream group \"nowhere\"",
         "line 8:",
         "20-worse.yaml: unknown action \"explode\"",
+        "rule name \"one\" is used twice",
         "invalid pattern \"/[unclosed/\"",
     ] {
         assert!(
@@ -378,6 +379,12 @@ fn every_rule_problem_is_reported_with_file_and_line() {
             "missing {expected:?} in:\n{error}"
         );
     }
+    // Rule one is a reject whose reply is invalid: that is its problem,
+    // not that a reply was given at all.
+    assert!(
+        !error.contains("reply is only used"),
+        "false problem reported in:\n{error}"
+    );
 }
 
 #[test]

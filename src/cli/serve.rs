@@ -177,13 +177,23 @@ pub async fn start(
         admin_address = server.local_address();
         admin_task = Some(tokio::spawn(server.run(admin_shutdown.clone())));
         if let Some(queue) = &queue {
-            tokio::spawn(crate::metrics::collector::run(
+            // Counting starts once the queue is migrated: before, on a new
+            // installation, the database or its tables do not exist yet.
+            let collector = crate::metrics::collector::run(
                 queue.clone(),
                 Arc::clone(&metrics),
                 admin.queue_interval,
                 admin.check_timeout,
                 shutdown.clone(),
-            ));
+            );
+            let queue_ready = queue_ready.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = queue_ready.cancelled() => collector.await,
+                    () = shutdown.cancelled() => {}
+                }
+            });
         }
     }
     {

@@ -184,7 +184,10 @@ impl Reloader {
                 );
             }
             Err(error) => {
-                tracing::error!(path = %path, error = %error, "config reload failed; the running configuration stays in force");
+                // One problem per line in the error; one log line keeps
+                // the entry greppable in the text format.
+                let problems = error.to_string().replace('\n', "; ");
+                tracing::error!(path = %path, error = %problems, "config reload failed; the running configuration stays in force");
             }
         }
         result

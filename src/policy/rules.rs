@@ -582,15 +582,18 @@ impl RuleSet {
                     message,
                 })
             };
+            // Checked before the rule itself, so a reused name is reported
+            // even when the rule has other problems.
+            let name = raw_rule.name.value.trim().to_string();
+            if !name.is_empty() && !names.insert(name.clone()) {
+                report(
+                    raw_rule.name.referenced.line(),
+                    format!("rule name {name:?} is used twice"),
+                );
+            }
             if let Some(rule) = convert(file, raw_rule, groups, lists, &mut report) {
                 for condition in rule.dnsbl.iter().chain(&rule.rhsbl).flatten() {
                     self.zones.insert(condition.zone.clone());
-                }
-                if !names.insert(rule.name.clone()) {
-                    report(
-                        rule.source.line,
-                        format!("rule name {:?} is used twice", rule.name),
-                    );
                 }
                 self.rules.push(rule);
             }
@@ -815,12 +818,9 @@ fn convert(
         );
         ok = false;
     }
-    if raw.reply.is_some()
-        && !matches!(
-            action,
-            Some(RuleAction::Reject(_) | RuleAction::Tempfail(_))
-        )
-    {
+    // Judged by the action's name: a reject whose reply is invalid has no
+    // action value, and its reply error is reported already.
+    if raw.reply.is_some() && !matches!(raw.action.value.trim(), "reject" | "tempfail") {
         report(
             action_line,
             "reply is only used with actions reject and tempfail".to_string(),
