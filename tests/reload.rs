@@ -108,7 +108,7 @@ async fn broken_rules_keep_old_rules_serving() {
         .expect_err("the broken rules are refused");
     let message = error.to_string();
     assert!(message.contains("10-test.yaml"), "{message}");
-    assert!(message.contains("line 3"), "{message}");
+    assert!(message.contains("10-test.yaml:3:"), "{message}");
     assert!(message.contains("unknown action"), "{message}");
     let stats = running.reloader.stats();
     assert_eq!((stats.successes(), stats.failures()), (0, 1));
@@ -133,7 +133,7 @@ async fn broken_rules_keep_old_rules_serving() {
         .expect_err("unknown class")
         .to_string();
     assert!(message.contains("10-test.yaml"), "{message}");
-    assert!(message.contains("line 4"), "{message}");
+    assert!(message.contains("10-test.yaml:4:"), "{message}");
     assert!(
         message.contains("unknown rate limit class \"missing\""),
         "{message}"

@@ -362,17 +362,13 @@ fn every_rule_problem_is_reported_with_file_and_line() {
     std::fs::write(&path, CONFIG).expect("write config");
     let error = Config::load(&path).expect_err("broken rules").to_string();
     for expected in [
-        "10-bad.yaml: invalid network \"10.0.0.0/40\"",
-        "line 2:",
-        "invalid reply \"450 5.7.1 wrong class\"",
-        "line 4:",
-        "unknown recipient kind \"martian\"",
-        "line 6:",
-        "unknown downstream group \"nowhere\"",
-        "line 8:",
-        "20-worse.yaml: unknown action \"explode\"",
-        "rule name \"one\" is used twice",
-        "invalid pattern \"/[unclosed/\"",
+        "10-bad.yaml:2: invalid network \"10.0.0.0/40\"",
+        "10-bad.yaml:4: invalid reply \"450 5.7.1 wrong class\"",
+        "10-bad.yaml:6: unknown recipient kind \"martian\"",
+        "10-bad.yaml:8: unknown downstream group \"nowhere\"",
+        "20-worse.yaml:1: rule name \"one\" is used twice",
+        "20-worse.yaml:2: unknown action \"explode\"",
+        "20-worse.yaml:4: invalid pattern \"/[unclosed/\"",
     ] {
         assert!(
             error.contains(expected),
@@ -384,6 +380,20 @@ fn every_rule_problem_is_reported_with_file_and_line() {
     assert!(
         !error.contains("reply is only used"),
         "false problem reported in:\n{error}"
+    );
+    // Problems are listed file by file, in line order.
+    let position = |text: &str| error.find(text).expect(text);
+    assert!(
+        position("10-bad.yaml:2:") < position("10-bad.yaml:8:"),
+        "{error}"
+    );
+    assert!(
+        position("10-bad.yaml:8:") < position("20-worse.yaml:1:"),
+        "{error}"
+    );
+    assert!(
+        position("20-worse.yaml:1:") < position("20-worse.yaml:2:"),
+        "{error}"
     );
 }
 

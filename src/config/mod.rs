@@ -40,14 +40,20 @@ use crate::queue::QueueConfig;
 /// One configuration problem: where it is and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The key path in the configuration file, or the path of another file
+    /// (a rules file) when `in_file` is set.
     pub path: String,
     pub line: u64,
     pub message: String,
+    /// Whether `path` names a file of its own rather than a configuration key.
+    pub in_file: bool,
 }
 
 impl std::fmt::Display for Problem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.line > 0 {
+        if self.in_file {
+            write!(f, "{}:{}: {}", self.path, self.line, self.message)
+        } else if self.line > 0 {
             write!(f, "line {}: {}: {}", self.line, self.path, self.message)
         } else {
             write!(f, "{}: {}", self.path, self.message)
@@ -70,8 +76,21 @@ pub enum ConfigError {
     },
 }
 
+/// Lists the problems of the configuration file first, then those of each
+/// other file, each group in line order.
 fn render_problems(problems: &[Problem]) -> String {
-    let lines: Vec<String> = problems.iter().map(|p| format!("\n  {p}")).collect();
+    let mut sorted: Vec<&Problem> = problems.iter().collect();
+    sorted.sort_by(|a, b| {
+        let file = |p: &Problem| {
+            if p.in_file {
+                p.path.clone()
+            } else {
+                String::new()
+            }
+        };
+        (a.in_file, file(a), a.line).cmp(&(b.in_file, file(b), b.line))
+    });
+    let lines: Vec<String> = sorted.iter().map(|p| format!("\n  {p}")).collect();
     format!("{} problem(s):{}", problems.len(), lines.concat())
 }
 
@@ -451,6 +470,17 @@ impl Checker {
             path: path.into(),
             line,
             message: message.into(),
+            in_file: false,
+        });
+    }
+
+    /// Notes a problem in another file than the configuration file.
+    fn file_problem(&mut self, file: impl Into<String>, line: u64, message: impl Into<String>) {
+        self.problems.push(Problem {
+            path: file.into(),
+            line,
+            message: message.into(),
+            in_file: true,
         });
     }
 
@@ -615,6 +645,7 @@ impl Config {
                 path: "(yaml)".to_string(),
                 line,
                 message: parse_error_message(&error.to_string()),
+                in_file: false,
             }]
         })?;
         let mut checker = Checker {
@@ -786,7 +817,7 @@ fn load_lists(raw: &[RawList], base: Option<&Path>, checker: &mut Checker) -> Li
         };
         let report = |checker: &mut Checker, problems: Vec<(u64, String)>| {
             for (line, message) in problems {
-                checker.problem(file.display().to_string(), line, message);
+                checker.file_problem(file.display().to_string(), line, message);
             }
         };
         match entry.kind.value.trim() {
@@ -920,7 +951,7 @@ fn load_rules(
         Ok(rules) => config.rules = std::sync::Arc::new(rules),
         Err(problems) => {
             for problem in problems {
-                checker.problem(
+                checker.file_problem(
                     problem.file.display().to_string(),
                     problem.line,
                     problem.message,
