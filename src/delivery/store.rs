@@ -165,17 +165,25 @@ impl DeliveryStore {
         let client = self.queue.pool().get().await?;
         let statement = client
             .prepare_cached(
+                // Both subqueries are ordered by next_attempt_at and
+                // limited, so each is a scan of the destination's range of
+                // deliveries_due_idx. As a plain EXISTS and count, the
+                // planner joined all pending deliveries by a sequential scan.
                 "SELECT t.name, t.failures,
                         (SELECT count(*) FROM (
                              SELECT 1 FROM deliveries d
                               WHERE d.destination = t.name AND d.state = 'pending'
                                 AND d.next_attempt_at <= now()
+                              ORDER BY d.next_attempt_at
                               LIMIT $2) AS due)
                    FROM destinations t
+                  CROSS JOIN LATERAL (
+                        SELECT 1 FROM deliveries d JOIN messages m ON m.id = d.message_id
+                         WHERE d.destination = t.name AND d.state = 'pending'
+                           AND d.next_attempt_at <= now() AND NOT m.held
+                         ORDER BY d.next_attempt_at
+                         LIMIT 1) AS ready
                   WHERE NOT t.held AND t.next_attempt_at <= now()
-                    AND EXISTS (SELECT 1 FROM deliveries d JOIN messages m ON m.id = d.message_id
-                                 WHERE d.destination = t.name AND d.state = 'pending'
-                                   AND d.next_attempt_at <= now() AND NOT m.held)
                   ORDER BY t.next_attempt_at
                   LIMIT $1",
             )
@@ -219,7 +227,10 @@ impl DeliveryStore {
                         next_attempt_at = now() + make_interval(secs => $4),
                         lease_token = d.lease_token + 1
                    FROM picked
-                  WHERE d.id = picked.id
+                  -- The id list makes the update an index scan; joined to
+                  -- the CTE alone, the planner hashed it against a
+                  -- sequential scan of all deliveries.
+                  WHERE d.id = picked.id AND d.id = ANY(ARRAY(SELECT id FROM picked))
               RETURNING d.id, d.lease_token, d.message_id, picked.sender, d.address, d.kind,
                         d.header_prefix, d.orcpt, d.notify, d.attempts, d.delay_notices,
                         picked.received_at, picked.size, picked.smtputf8, picked.body_type,
