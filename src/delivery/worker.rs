@@ -36,8 +36,8 @@ use super::transport::{
 const DESTINATIONS_PER_ROUND: i64 = 256;
 
 /// Sessions one scheduling round may add to a destination. Counting the due
-/// deliveries of a destination reads one heap row each, so the count stops
-/// at what this many sessions would claim; later rounds add more.
+/// deliveries of a destination reads one heap row each. So the count stops
+/// at what this many sessions would claim, and later rounds add more.
 const SESSIONS_ADDED_PER_ROUND: usize = 4;
 
 /// Shortest time between two scheduling rounds. Each routed message wakes
@@ -225,11 +225,11 @@ impl DeliveryWorkers {
             .get(destination)
             .copied()
             .unwrap_or(0);
-        let wanted = (running + added).min(config.max_per_destination);
+        let target = (running + added).min(config.max_per_destination);
         loop {
             {
                 let active = self.active.lock().expect("active sessions lock");
-                if active.get(destination).copied().unwrap_or(0) >= wanted {
+                if active.get(destination).copied().unwrap_or(0) >= target {
                     return;
                 }
             }

@@ -343,24 +343,7 @@ impl Router {
                 // Deleted since the claim (by `queue delete`): nothing to route.
                 continue;
             };
-            let delivered_to = delivered_to_addresses(&facts.headers);
-            let envelope: Vec<EnvelopeRecipient> =
-                recipients.iter().map(|c| c.recipient.clone()).collect();
-            let routing = resolve_message(
-                &snapshot,
-                &MessageFacts {
-                    sender: &facts.sender,
-                    delivered_to: &delivered_to,
-                },
-                &envelope,
-                ResolveLimits {
-                    max_depth: self.settings.max_depth,
-                },
-                ConfiguredRoutes {
-                    relay_domains: &self.settings.relay_domains,
-                    outbound_group: self.settings.outbound_group.as_deref(),
-                },
-            );
+            let routing = self.resolve(&snapshot, &facts, recipients);
             routed.push((*message_id, recipients.as_slice(), facts, routing));
         }
 
@@ -616,25 +599,7 @@ impl Router {
             .ok_or(RouterError::DirectoryNotLoaded)?;
         let mut client = self.queue.pool().get().await?;
         let stored = self.message_facts(&client, message_id).await?;
-        let delivered_to = delivered_to_addresses(&stored.headers);
-        let facts = MessageFacts {
-            sender: &stored.sender,
-            delivered_to: &delivered_to,
-        };
-        let recipients: Vec<EnvelopeRecipient> =
-            claimed.iter().map(|c| c.recipient.clone()).collect();
-        let mut routing = resolve_message(
-            &snapshot,
-            &facts,
-            &recipients,
-            ResolveLimits {
-                max_depth: self.settings.max_depth,
-            },
-            ConfiguredRoutes {
-                relay_domains: &self.settings.relay_domains,
-                outbound_group: self.settings.outbound_group.as_deref(),
-            },
-        );
+        let mut routing = self.resolve(&snapshot, &stored, &claimed);
 
         let transaction = client.transaction().await?;
         let batches = write_deliveries(
@@ -674,6 +639,34 @@ impl Router {
 }
 
 impl Router {
+    /// Resolves the claimed recipients of a stored message with the
+    /// directory snapshot and the configured routes.
+    fn resolve(
+        &self,
+        snapshot: &crate::directory::Snapshot,
+        stored: &StoredFacts,
+        claimed: &[Claimed],
+    ) -> MessageRouting {
+        let delivered_to = delivered_to_addresses(&stored.headers);
+        let recipients: Vec<EnvelopeRecipient> =
+            claimed.iter().map(|c| c.recipient.clone()).collect();
+        resolve_message(
+            snapshot,
+            &MessageFacts {
+                sender: &stored.sender,
+                delivered_to: &delivered_to,
+            },
+            &recipients,
+            ResolveLimits {
+                max_depth: self.settings.max_depth,
+            },
+            ConfiguredRoutes {
+                relay_domains: &self.settings.relay_domains,
+                outbound_group: self.settings.outbound_group.as_deref(),
+            },
+        )
+    }
+
     /// Counts a routed message in the metrics and logs its routing events,
     /// one line per routed recipient and one for the message.
     fn record_routing(
