@@ -4,47 +4,17 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use common::harness::{TestConfig, TestServer};
+use common::logs::CapturedLog;
 use common::sink::Sink;
 use wsmtp::config::{LogConfig, LogFormat};
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn lines(&self) -> Vec<String> {
-        let bytes = self.0.lock().expect("log buffer").clone();
-        String::from_utf8(bytes)
-            .expect("UTF-8 log")
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
-}
 
 /// Runs a relay attempt from outside the relay networks and a passed-through
 /// message, with the server's logs in `format`, and returns the lines.
 /// The test runtime has one thread, so the subscriber set for this thread
 /// receives the events of every task of the server.
 async fn session_log(format: LogFormat) -> Vec<String> {
-    let captured = Captured::default();
+    let captured = CapturedLog::default();
     let writer = captured.clone();
     let config = LogConfig {
         format,

@@ -5,58 +5,39 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::{Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use common::harness::{SmtpClient, TestServer, test_message};
+use common::logs::CapturedLog;
 use common::sink::Sink;
 
 /// Returns the buffer that receives every log line of this test binary,
 /// installing the capturing subscriber on first use.
-fn captured_log() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+fn captured_log() -> &'static CapturedLog {
+    static LOG: OnceLock<CapturedLog> = OnceLock::new();
     LOG.get_or_init(|| {
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = Arc::clone(&log);
+        let log = CapturedLog::default();
+        let writer = log.clone();
         tracing_subscriber::fmt()
             .with_env_filter("wsmtp=info")
             .with_ansi(false)
-            .with_writer(move || LogWriter(Arc::clone(&sink)))
+            .with_writer(move || writer.clone())
             .init();
         log
     })
 }
 
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl Write for LogWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// Returns the captured log lines that contain every one of `parts`.
 fn log_lines_with(parts: &[&str]) -> Vec<String> {
-    let log = captured_log()
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    String::from_utf8_lossy(&log)
+    captured_log()
         .lines()
+        .into_iter()
         .filter(|line| parts.iter().all(|part| line.contains(part)))
-        .map(str::to_string)
         .collect()
 }
 

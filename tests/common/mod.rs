@@ -7,6 +7,7 @@ pub mod db;
 pub mod directory;
 pub mod dns;
 pub mod harness;
+pub mod logs;
 pub mod routed;
 pub mod sink;
 pub mod tls;
