@@ -121,8 +121,9 @@ pub struct Config {
     pub lists: Lists,
     /// Rate limit classes; `default` is always there.
     pub rate_limits: RateLimitsConfig,
-    /// Where `serve` writes its process id, for `wsmtp reload`; None when
-    /// the file was not read from disk and no `pid_file` is set.
+    /// The file that `serve` writes its process id to, for `wsmtp reload`.
+    /// None when the configuration was not read from disk and sets no
+    /// `pid_file`.
     pub pid_file: Option<PathBuf>,
     /// The file this configuration was read from, which a reload reads
     /// again; None for text parsed in memory.

@@ -140,8 +140,9 @@ struct BoundListener {
     proxy_protocol: Option<ProxyProtocolConfig>,
 }
 
-/// What the sessions of every listener read: the configuration with the
-/// rules, lists and rate limits, and each listener's session settings.
+/// The settings that the sessions of every listener read: the configuration
+/// with the rules, lists and rate limits, and each listener's session
+/// settings.
 pub struct ListenerState {
     pub shared: Arc<Shared>,
     /// Session settings of each listener, in configuration order.
